@@ -1,0 +1,1 @@
+"""The pure domain core: no Flask, SQLAlchemy, Dramatiq or requests imports here."""
