@@ -1,0 +1,1 @@
+"""Storage adapter: SQLAlchemy Core tables, repositories and Alembic migrations."""

@@ -1,0 +1,321 @@
+"""Repositories: small SQL functions named after what the service layer needs.
+
+Every function takes an open connection (the service layer owns the transaction) and, for
+anything a caller can name, the organization id: tenancy is part of every query.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from authsvc.adapters.db import tables as t
+from authsvc.domain import ids
+from authsvc.domain.payer import ExchangeRecord
+
+Row = dict[str, Any]
+
+
+def _one(conn: sa.Connection, stmt: sa.Executable) -> Row | None:
+    row = conn.execute(stmt).mappings().first()
+    return dict(row) if row is not None else None
+
+
+# ------------------------------------------------------------------ organizations, tokens
+
+
+def ensure_organization(conn: sa.Connection, org_id: str, now: dt.datetime) -> None:
+    if _one(conn, sa.select(t.organizations.c.id).where(t.organizations.c.id == org_id)):
+        return
+    conn.execute(t.organizations.insert().values(id=org_id, name=org_id, created_at=now))
+
+
+def token_by_hash(conn: sa.Connection, token_hash: str) -> Row | None:
+    return _one(conn, sa.select(t.api_tokens).where(t.api_tokens.c.token_hash == token_hash))
+
+
+# ------------------------------------------------------------------ orders
+
+
+def upsert_patient(conn: sa.Connection, org_id: str, patient: dict, now: dt.datetime) -> str:
+    """One patient row per (organization, MRN); the newest order's details win."""
+    existing = _one(conn, sa.select(t.patients.c.id).where(
+        t.patients.c.org_id == org_id, t.patients.c.mrn == patient["mrn"]))
+    values = {
+        "given_name": patient["given_name"], "family_name": patient["family_name"],
+        "birth_date": patient["birth_date"], "sex": patient["sex"],
+        "contacts": patient.get("contacts") or [], "updated_at": now,
+    }
+    if existing:
+        conn.execute(t.patients.update().where(t.patients.c.id == existing["id"]).values(**values))
+        return existing["id"]
+    patient_id = ids.new_id("pat")
+    conn.execute(t.patients.insert().values(id=patient_id, org_id=org_id, mrn=patient["mrn"],
+                                            **values))
+    return patient_id
+
+
+def insert_order(conn: sa.Connection, values: dict, lines: Sequence[dict]) -> None:
+    conn.execute(t.orders.insert().values(**values))
+    conn.execute(t.order_lines.insert(), [{"order_id": values["id"], **line} for line in lines])
+
+
+def order_row(conn: sa.Connection, order_id: str, org_id: str | None = None) -> Row | None:
+    q = sa.select(t.orders).where(t.orders.c.id == order_id)
+    if org_id is not None:
+        q = q.where(t.orders.c.org_id == org_id)
+    return _one(conn, q)
+
+
+def lock_order(conn: sa.Connection, order_id: str) -> Row | None:
+    """Read the order for update (row lock on PostgreSQL; SQLite writers are serialized)."""
+    q = sa.select(t.orders).where(t.orders.c.id == order_id)
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update()
+    return _one(conn, q)
+
+
+def order_lines(conn: sa.Connection, order_id: str) -> list[Row]:
+    rows = conn.execute(sa.select(t.order_lines).where(t.order_lines.c.order_id == order_id)
+                        .order_by(t.order_lines.c.sequence)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def patient_row(conn: sa.Connection, patient_id: str) -> Row | None:
+    return _one(conn, sa.select(t.patients).where(t.patients.c.id == patient_id))
+
+
+def update_order(conn: sa.Connection, order_id: str, **values: Any) -> None:
+    conn.execute(t.orders.update().where(t.orders.c.id == order_id).values(**values))
+
+
+def set_line_determination(conn: sa.Connection, order_id: str, sequence: int,
+                           determination: dict) -> None:
+    conn.execute(t.order_lines.update().where(
+        t.order_lines.c.order_id == order_id, t.order_lines.c.sequence == sequence
+    ).values(determination=determination))
+
+
+def list_orders(conn: sa.Connection, org_id: str, *, status: str | None, mrn: str | None,
+                after: tuple[dt.datetime, str] | None, limit: int) -> list[Row]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    o = t.orders
+    q = sa.select(o).where(o.c.org_id == org_id)
+    if status:
+        q = q.where(o.c.status == status)
+    if mrn:
+        q = q.join(t.patients, t.patients.c.id == o.c.patient_id).where(t.patients.c.mrn == mrn)
+    if after:
+        created, oid = after
+        q = q.where(sa.or_(o.c.created_at < created,
+                           sa.and_(o.c.created_at == created, o.c.id < oid)))
+    q = q.order_by(o.c.created_at.desc(), o.c.id.desc()).limit(limit)
+    return [dict(r) for r in conn.execute(q).mappings().all()]
+
+
+# ------------------------------------------------------------------ eligibility
+
+
+def insert_eligibility(conn: sa.Connection, values: dict) -> None:
+    conn.execute(t.eligibility_checks.insert().values(attempts=0, **values))
+
+
+def latest_eligibility(conn: sa.Connection, order_id: str) -> Row | None:
+    e = t.eligibility_checks
+    return _one(conn, sa.select(e).where(e.c.order_id == order_id)
+                .order_by(e.c.requested_at.desc(), e.c.id.desc()).limit(1))
+
+
+def eligibility_row(conn: sa.Connection, check_id: str) -> Row | None:
+    return _one(conn, sa.select(t.eligibility_checks).where(t.eligibility_checks.c.id == check_id))
+
+
+def claim_eligibility(conn: sa.Connection, check_id: str, now: dt.datetime,
+                      lease: dt.timedelta) -> bool:
+    """Conditional update that sets a lease; the rowcount says whether we won."""
+    e = t.eligibility_checks
+    res = conn.execute(e.update().where(
+        e.c.id == check_id, e.c.status == "pending",
+        sa.or_(e.c.claimed_until.is_(None), e.c.claimed_until < now),
+        sa.or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now),
+    ).values(claimed_until=now + lease, attempts=e.c.attempts + 1))
+    return res.rowcount == 1
+
+
+def update_eligibility(conn: sa.Connection, check_id: str, **values: Any) -> None:
+    conn.execute(t.eligibility_checks.update().where(t.eligibility_checks.c.id == check_id)
+                 .values(**values))
+
+
+# ------------------------------------------------------------------ cases
+
+
+def insert_case(conn: sa.Connection, values: dict, lines: Sequence[dict]) -> None:
+    conn.execute(t.cases.insert().values(version=1, submission_unknown=False, attempts=0,
+                                         poll_attempts=0, **values))
+    conn.execute(t.case_lines.insert(), [{"case_id": values["id"], **line} for line in lines])
+
+
+def case_row(conn: sa.Connection, case_id: str, org_id: str | None = None) -> Row | None:
+    q = sa.select(t.cases).where(t.cases.c.id == case_id)
+    if org_id is not None:
+        q = q.where(t.cases.c.org_id == org_id)
+    return _one(conn, q)
+
+
+def lock_case(conn: sa.Connection, case_id: str) -> Row | None:
+    q = sa.select(t.cases).where(t.cases.c.id == case_id)
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update()
+    return _one(conn, q)
+
+
+def case_lines(conn: sa.Connection, case_id: str) -> list[Row]:
+    rows = conn.execute(sa.select(t.case_lines).where(t.case_lines.c.case_id == case_id)
+                        .order_by(t.case_lines.c.sequence)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def cases_of_order(conn: sa.Connection, order_id: str) -> list[Row]:
+    rows = conn.execute(sa.select(t.cases).where(t.cases.c.order_id == order_id)
+                        .order_by(t.cases.c.created_at, t.cases.c.id)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def claim_case(conn: sa.Connection, case_id: str, from_states: Iterable[str], to_state: str,
+               now: dt.datetime, lease: dt.timedelta, *, due_column: str | None = None) -> bool:
+    """Claim a step of a case: conditional state check + free lease + due time, sets a lease."""
+    c = t.cases
+    conds = [
+        c.c.id == case_id, c.c.state.in_(list(from_states)),
+        sa.or_(c.c.claimed_until.is_(None), c.c.claimed_until < now),
+    ]
+    if due_column:
+        col = c.c[due_column]
+        conds.append(sa.or_(col.is_(None), col <= now))
+    values: dict[str, Any] = {"state": to_state, "claimed_until": now + lease,
+                              "version": c.c.version + 1, "updated_at": now}
+    if to_state == "submitting":
+        values["attempts"] = c.c.attempts + 1
+    res = conn.execute(c.update().where(*conds).values(**values))
+    return res.rowcount == 1
+
+
+def update_case(conn: sa.Connection, case_id: str, **values: Any) -> None:
+    c = t.cases
+    conn.execute(c.update().where(c.c.id == case_id).values(version=c.c.version + 1, **values))
+
+
+def update_case_line(conn: sa.Connection, case_id: str, sequence: int, **values: Any) -> None:
+    cl = t.case_lines
+    conn.execute(cl.update().where(cl.c.case_id == case_id, cl.c.sequence == sequence)
+                 .values(**values))
+
+
+def record_exchanges(conn: sa.Connection, records: Iterable[ExchangeRecord], *, payer_id: str,
+                     org_id: str | None, order_id: str | None, case_id: str | None) -> None:
+    rows = [{
+        "org_id": org_id, "order_id": order_id, "case_id": case_id, "payer_id": payer_id,
+        "kind": r.kind, "direction": r.direction, "url": r.url, "http_status": r.http_status,
+        "started_at": r.started_at, "finished_at": r.finished_at,
+        "request_body": r.request_body, "response_body": r.response_body,
+        "error": (r.error or None) and r.error[:500],
+    } for r in records]
+    if rows:
+        conn.execute(t.payer_exchanges.insert(), rows)
+
+
+def exchanges_of_case(conn: sa.Connection, case_id: str) -> list[Row]:
+    x = t.payer_exchanges
+    rows = conn.execute(sa.select(x.c.id, x.c.kind, x.c.direction, x.c.http_status,
+                                  x.c.started_at, x.c.finished_at, x.c.error)
+                        .where(x.c.case_id == case_id).order_by(x.c.id)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+# ------------------------------------------------------------------ outbox
+
+
+def add_outbox(conn: sa.Connection, actor: str, entity_id: str, now: dt.datetime,
+               available_at: dt.datetime | None = None) -> None:
+    conn.execute(t.outbox.insert().values(actor=actor, entity_id=entity_id, created_at=now,
+                                          available_at=available_at or now, publish_count=0))
+
+
+def pending_outbox(conn: sa.Connection, now: dt.datetime, limit: int) -> list[Row]:
+    o = t.outbox
+    q = (sa.select(o.c.id, o.c.actor, o.c.entity_id)
+         .where(o.c.published_at.is_(None), o.c.available_at <= now)
+         .order_by(o.c.id).limit(limit))
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    return [dict(r) for r in conn.execute(q).mappings().all()]
+
+
+def mark_published(conn: sa.Connection, outbox_ids: Sequence[int], now: dt.datetime) -> None:
+    o = t.outbox
+    conn.execute(o.update().where(o.c.id.in_(list(outbox_ids)))
+                 .values(published_at=now, publish_count=o.c.publish_count + 1))
+
+
+# ------------------------------------------------------------------ outcomes
+
+
+def lock_outcome_feed(conn: sa.Connection) -> None:
+    """Serialize outcome writers so feed positions are assigned in commit order.
+
+    Without it, two transactions could commit out of position order and a consumer that
+    already read past the later position would never see the earlier one.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7204311)"))
+
+
+def next_outcome_version(conn: sa.Connection, order_id: str, sequence: int) -> int:
+    o = t.outcomes
+    current = conn.execute(sa.select(sa.func.max(o.c.version)).where(
+        o.c.order_id == order_id, o.c.sequence == sequence)).scalar()
+    return (current or 0) + 1
+
+
+def insert_outcome(conn: sa.Connection, values: dict) -> None:
+    conn.execute(t.outcomes.insert().values(**values))
+
+
+def outcomes_after(conn: sa.Connection, org_id: str, position: int, limit: int) -> list[Row]:
+    o = t.outcomes
+    q = (sa.select(o).where(o.c.org_id == org_id, o.c.position > position)
+         .order_by(o.c.position).limit(limit))
+    return [dict(r) for r in conn.execute(q).mappings().all()]
+
+
+def outcomes_of_order(conn: sa.Connection, order_id: str) -> list[Row]:
+    o = t.outcomes
+    rows = conn.execute(sa.select(o).where(o.c.order_id == order_id)
+                        .order_by(o.c.position)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+# ------------------------------------------------------------------ timeline, audit
+
+
+def add_timeline(conn: sa.Connection, *, org_id: str, order_id: str, at: dt.datetime,
+                 event: str, actor: str, case_id: str | None = None,
+                 detail: dict | None = None) -> None:
+    conn.execute(t.timeline_events.insert().values(
+        org_id=org_id, order_id=order_id, case_id=case_id, at=at, event=event, actor=actor,
+        detail=detail))
+
+
+def timeline(conn: sa.Connection, order_id: str) -> list[Row]:
+    te = t.timeline_events
+    rows = conn.execute(sa.select(te).where(te.c.order_id == order_id)
+                        .order_by(te.c.at, te.c.id)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def add_audit(conn: sa.Connection, **values: Any) -> None:
+    conn.execute(t.audit_events.insert().values(**values))

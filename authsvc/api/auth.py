@@ -1,0 +1,91 @@
+"""Bearer tokens per organization and role; the route × role table lives here, once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from flask import current_app, g, request
+
+from authsvc.adapters.db import repo
+from authsvc.adapters.db import tables as t
+from authsvc.api.errors import ApiProblem
+from authsvc.domain import clock, ids
+from authsvc.service_layer.context import Actor
+
+ROLES = ("clinician", "coordinator", "billing", "admin")
+TOKEN_PREFIX = "asv_"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def create_token(conn: sa.Connection, org_id: str, role: str, name: str | None = None,
+                 expires_on: dt.date | None = None) -> tuple[str, str]:
+    """A random 256-bit token, stored only as its hash. Returns (token_id, token)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    now = clock.now()
+    repo.ensure_organization(conn, org_id, now)
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token_id = ids.new_id("tok")
+    conn.execute(t.api_tokens.insert().values(
+        id=token_id, org_id=org_id, role=role, name=name, token_hash=hash_token(token),
+        prefix=token[:10], created_at=now, expires_on=expires_on))
+    return token_id, token
+
+
+def _unauthorized(detail: str) -> ApiProblem:
+    return ApiProblem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="authsvc"'})
+
+
+def authenticate() -> Actor:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise _unauthorized("Send a bearer token in the Authorization header.")
+    token = header[7:].strip()
+    if not token or len(token) > 200 or not token.isascii():
+        raise _unauthorized("The token is not valid.")
+    digest = hash_token(token)
+    services = current_app.extensions["authsvc"]
+    now = clock.now()
+    with services.engine.connect() as conn:
+        row = repo.token_by_hash(conn, digest)
+    if row is None or not hmac.compare_digest(row["token_hash"], digest):
+        raise _unauthorized("The token is not valid.")
+    if row["revoked_at"] is not None:
+        raise _unauthorized("The token was revoked.")
+    if row["expires_on"] is not None and now.date() > row["expires_on"]:
+        raise _unauthorized("The token has expired.")
+    last = row["last_used_at"]
+    if last is None or now - last > dt.timedelta(seconds=60):
+        with services.engine.begin() as conn:
+            conn.execute(t.api_tokens.update().where(t.api_tokens.c.id == row["id"])
+                         .values(last_used_at=now))
+    return Actor(org_id=row["org_id"], role=row["role"], token_id=row["id"], name=row["name"],
+                 request_id=g.get("request_id"), source_ip=request.remote_addr)
+
+
+def requires(*roles: str) -> Callable:
+    """Authenticate, then allow only these roles (403 otherwise). Sets `g.actor`."""
+
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            actor = authenticate()
+            g.actor = actor
+            if actor.role not in roles:
+                raise ApiProblem(403, "This role may not use this endpoint.")
+            return view(*args, **kwargs)
+
+        wrapper._roles = roles  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

@@ -1,0 +1,81 @@
+"""Idempotency-Key semantics of api.md, in the same transaction as the work itself.
+
+Scope is (organization, route template, key). Same key + same body → the stored response
+again with `Idempotent-Replayed: true`; a different body → 422; a request still in flight
+with the key → 409. On PostgreSQL a transaction-scoped advisory lock marks "in flight";
+SQLite serializes writers, so a second request waits and then replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from flask import Response, current_app, g, request
+
+from authsvc.adapters.db import tables as t
+from authsvc.api.errors import ApiProblem
+from authsvc.domain import clock
+from authsvc.service_layer import failpoints
+
+KEY_RE = re.compile(r"[\x21-\x7E]{1,255}")
+
+
+def fingerprint(body: object) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _lock_key(org_id: str, route: str, key: str) -> int:
+    digest = hashlib.blake2b(f"{org_id}\0{route}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _json_response(status: int, body_text: str, replayed: bool = False) -> Response:
+    resp = Response(body_text, status=status, mimetype="application/json")
+    if replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
+        raw_body: object) -> Response:
+    """Run `work(conn)` in one transaction, honouring the request's Idempotency-Key."""
+    services = current_app.extensions["authsvc"]
+    actor = g.actor
+    key = request.headers.get("Idempotency-Key")
+    if key is None and required:
+        raise ApiProblem(400, "This endpoint requires an Idempotency-Key header.")
+    if key is not None and not KEY_RE.fullmatch(key):
+        raise ApiProblem(400, "Idempotency-Key must be 1-255 visible ASCII characters.")
+    route = request.url_rule.rule if request.url_rule else request.path
+    with services.engine.begin() as conn:
+        if key is not None:
+            fp = fingerprint(raw_body)
+            if conn.dialect.name == "postgresql":
+                got = conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(
+                    _lock_key(actor.org_id, route, key)))).scalar()
+                if not got:
+                    raise ApiProblem(409, "A request with this Idempotency-Key is in flight.",
+                                     headers={"Retry-After": "1"})
+            ik = t.idempotency_keys
+            existing = conn.execute(sa.select(ik.c.fingerprint, ik.c.status_code,
+                                              ik.c.response_body).where(
+                ik.c.org_id == actor.org_id, ik.c.route == route, ik.c.key == key)).first()
+            if existing is not None:
+                if existing.fingerprint != fp:
+                    raise ApiProblem(422, "This Idempotency-Key was used with a different body.",
+                                     errors=[{"field": "Idempotency-Key", "code": "invalid_choice",
+                                              "message": "key reused with another body"}])
+                return _json_response(existing.status_code, existing.response_body, True)
+        status, body = work(conn)
+        text = json.dumps(body)
+        if key is not None:
+            conn.execute(t.idempotency_keys.insert().values(
+                org_id=actor.org_id, route=route, key=key, fingerprint=fp, status_code=status,
+                response_body=text, created_at=clock.now()))
+    failpoints.hit("API_AFTER_COMMIT")
+    return _json_response(status, text)

