@@ -39,7 +39,8 @@ class Settings:
         env = os.environ if env is None else env
         var_dir = Path(env.get("AUTHSVC_VAR_DIR", str(ROOT / "var")))
         default_db = f"sqlite:///{var_dir / 'authsvc.db'}"
-        allow = tuple(x.strip() for x in env.get("AUTHSVC_WEBHOOK_ALLOWLIST", "").split(",") if x.strip())
+        allow = tuple(x.strip() for x in env.get("AUTHSVC_WEBHOOK_ALLOWLIST", "").split(",")
+                      if x.strip())
         return cls(
             database_url=env.get("AUTHSVC_DATABASE_URL", default_db),
             redis_url=env.get("AUTHSVC_REDIS_URL") or None,

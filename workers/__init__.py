@@ -26,8 +26,10 @@ def setup(settings: Settings, broker=None, svc: Services | None = None):  # type
     dramatiq.set_broker(broker)
     _services = svc or bootstrap(settings, pool_size=settings.worker_threads + 1)
     import importlib
+    import sys
 
-    import workers.actors as actors
-
-    importlib.reload(actors)  # bind the actors to this broker
+    if "workers.actors" in sys.modules:
+        importlib.reload(sys.modules["workers.actors"])  # bind the actors to this broker
+    else:
+        importlib.import_module("workers.actors")
     return broker

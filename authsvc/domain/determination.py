@@ -13,7 +13,8 @@ COVERED = ("covered", "not-covered", "conditional", "indeterminate")
 PA_NEEDED = ("no-auth", "auth-needed", "satisfied", "performpa", "conditional", "indeterminate")
 DOC_NEEDED = ("clinical", "admin", "patient", "conditional", "indeterminate")
 INFO_NEEDED = (
-    "performer", "location", "timeframe", "contract-window", "detail-code", "clinical", "admin", "OTH",
+    "performer", "location", "timeframe", "contract-window", "detail-code", "clinical", "admin",
+    "OTH",
 )
 #: pa_needed values that are sent to the payer in a case (api.md › PAS details).
 SENT_PA = ("auth-needed", "conditional")

@@ -11,7 +11,9 @@ ORDER_STATUSES = (
     "denied", "cancelled", "needs_attention",
 )
 DECIDED = frozenset({"approved", "partially_approved", "modified", "denied", "no_auth_required"})
-ELIGIBILITY_STATUSES = ("pending", "active", "inactive", "member_not_found", "error", "not_required")
+ELIGIBILITY_STATUSES = (
+    "pending", "active", "inactive", "member_not_found", "error", "not_required",
+)
 ORDER_ATTENTION = ("coverage_problem", "eligibility_error", "not_sent")
 
 

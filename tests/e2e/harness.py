@@ -24,7 +24,8 @@ class Http:
         self.token = token
 
     def request(self, method: str, path: str, body: Any = None,
-                headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, dict, Any]:
+                headers: dict[str, str] | None = None,
+                timeout: float = 30) -> tuple[int, dict, Any]:
         data = json.dumps(body).encode() if body is not None else None
         hdrs = {"Content-Type": "application/json"} if data is not None else {}
         if self.token:

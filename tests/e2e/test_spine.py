@@ -55,7 +55,7 @@ def settle(http: Http, order_id: str, want: str | None = None, timeout: float = 
 def outcomes_for(http: Http, order_id: str) -> list[dict]:
     items, after = [], None
     while True:
-        q = f"/v1/outcomes?limit=200" + (f"&after={after}" if after else "")
+        q = "/v1/outcomes?limit=200" + (f"&after={after}" if after else "")
         status, _, page = http.request("GET", q)
         assert status == 200
         items += page["items"]
