@@ -1,0 +1,1 @@
+"""Payer adapters: the only code that talks HTTP to payers (registry + one module per protocol)."""
