@@ -1,37 +1,30 @@
-"""Pure helpers for payer policy files: code formats, code ranges, diagnosis patterns, NPIs.
+"""Pure helpers for payer policy files: code ranges and diagnosis patterns.
 
-They live in the domain (no I/O) so that the policy loader, the order validator and the tests
-agree on what a CPT or HCPCS code is and on how a range like ``70010-76499`` is compared.
-CPT and HCPCS are checked by format only: the code lists are licensed (api.md › Orders).
+They live in the domain (no I/O) so that the policy loader and the tests agree on how a range
+like ``70010-76499`` is compared. Code formats come from authsvc.domain.codes, the same checks
+the order validator uses (CPT and HCPCS by format only: the code lists are licensed).
 """
 
 from __future__ import annotations
 
-import re
+from authsvc.domain.codes import procedure_code_format_ok
 
 CODE_SYSTEMS = ("CPT", "HCPCS")
-
-#: CPT: Category I five digits; Category II/III and PLA codes: four digits + F, T or U.
-CPT_RE = re.compile(r"^[0-9]{4}[0-9FTU]$")
-#: HCPCS Level II: one letter A–V then four digits.
-HCPCS_RE = re.compile(r"^[A-V][0-9]{4}$")
-_CODE_RE = {"CPT": CPT_RE, "HCPCS": HCPCS_RE}
 
 #: The order in which doc_needed values are listed (CRD doc-needed codes).
 DOC_ORDER = ("clinical", "admin", "patient", "conditional")
 
 
 def code_format_ok(system: str, code: str) -> bool:
-    """True when ``code`` has the shape of a code of ``system`` (CPT or HCPCS)."""
-    pattern = _CODE_RE.get(system)
-    return bool(pattern and pattern.match(code))
+    """True when ``code`` has the shape of a code of ``system`` (authsvc.domain.codes)."""
+    return procedure_code_format_ok(system, code)
 
 
 def code_key(system: str, code: str) -> tuple[str, int] | None:
     """Map a well-formed code to (class, number) so that ranges compare as integers.
 
-    Codes of one class share a shape (CPT 5 digits; CPT ``dddd`` + F/T/U; HCPCS one letter +
-    4 digits), and a range only covers codes of its own class: ``0001T-0999T`` never matches
+    Codes of one class share a shape (CPT 5 digits; CPT ``dddd`` + F/T/U/M; HCPCS one letter
+    + 4 digits), and a range only covers codes of its own class: ``0001T-0999T`` never matches
     ``05000``. Returns None for a code of no known shape (it can still match exactly).
     """
     if not code_format_ok(system, code):
@@ -90,18 +83,3 @@ def dx_pattern_matcher(patterns: list[str] | tuple[str, ...]):
         return False
 
     return any_match
-
-
-def npi_ok(npi: str) -> bool:
-    """NPI format and check digit (Luhn over the ``80840`` prefix, as CMS defines it)."""
-    if len(npi) != 10 or not npi.isascii() or not npi.isdigit():
-        return False
-    total = 0
-    for position, char in enumerate(reversed("80840" + npi[:-1])):
-        digit = int(char)
-        if position % 2 == 0:
-            digit *= 2
-            if digit > 9:
-                digit -= 9
-        total += digit
-    return (10 - total % 10) % 10 == int(npi[-1])
