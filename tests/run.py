@@ -28,8 +28,8 @@ def main() -> int:
         env["AUTHSVC_TEST_REDIS_URL"] = f"unix://{server.socket_file}"
     print(f"tests use database {env['AUTHSVC_TEST_DATABASE_URL'].split('@')[-1]} "
           f"and redis {env['AUTHSVC_TEST_REDIS_URL'].split('@')[-1]}", flush=True)
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "authsvc", "workers", "schemas",
-                           "tests", "bench"], cwd=ROOT, env=env)
+    paths = [p for p in ("authsvc", "workers", "schemas", "tests", "bench") if (ROOT / p).exists()]
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", *paths], cwd=ROOT, env=env)
     if lint.returncode != 0:
         print("ruff found problems", file=sys.stderr)
         return lint.returncode
