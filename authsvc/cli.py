@@ -170,23 +170,6 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------ rules
-
-
-def cmd_rules_validate(args: argparse.Namespace) -> int:
-    from authsvc.adapters.policies import PolicyError, load_ruleset
-
-    directory = args.dir or str(_settings().rules_dir)
-    try:
-        load_ruleset(directory)
-    except PolicyError as exc:
-        for message in exc.errors:
-            print(message)
-        return 1
-    print(f"{directory}: ok")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="authsvc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,11 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("token_id")
     s.set_defaults(func=cmd_tokens_revoke)
 
-    rules = sub.add_parser("rules", help="payer policy files").add_subparsers(dest="rules_cmd",
-                                                                               required=True)
-    s = rules.add_parser("validate", help="check policy files; file:line: message per error")
-    s.add_argument("dir", nargs="?")
-    s.set_defaults(func=cmd_rules_validate)
+    from authsvc.commands import register_all
+
+    register_all(sub)
     return p
 
 

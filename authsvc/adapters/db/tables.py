@@ -171,6 +171,10 @@ cases = sa.Table(
     sa.Column("last_event_number", sa.Integer),
     sa.Column("last_error", JSONType),
     sa.Column("payer_ref", sa.String(100)),
+    sa.Column("level_of_care", sa.String(100)),
+    sa.Column("reason", sa.String(2000)),  # appeal reason
+    sa.Column("update_pending", sa.Boolean, nullable=False, default=False,
+              server_default=sa.false()),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index("ix_cases_worklist", "org_id", "state", "decision_due_at"),
@@ -295,6 +299,9 @@ audit_events = sa.Table(
     sa.Column("outcome", sa.String(20), nullable=False),
     sa.Column("request_id", sa.String(64)),
     sa.Column("source_ip", sa.String(64)),
+    sa.Column("reason", sa.String(100)),
+    sa.Column("prev_hash", sa.String(64)),
+    sa.Column("hash", sa.String(64)),
 )
 
 callback_events = sa.Table(
@@ -326,4 +333,147 @@ ruleset_versions = sa.Table(
     sa.Column("active", sa.Boolean, nullable=False, default=False),
     sa.Column("loaded_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("payer_id", "version"),
+)
+
+# ------------------------------------------------------------------ schema 0002: case work,
+# webhooks, notifications, CDS Hooks, audit chain (issues 5–10 build on these tables)
+
+case_notes = sa.Table(
+    "case_notes", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("case_id", Id, sa.ForeignKey("cases.id"), nullable=False),
+    sa.Column("author", sa.String(200), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_case_notes_case", "case_id", "created_at"),
+)
+
+attachments = sa.Table(
+    "attachments", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("case_id", Id, sa.ForeignKey("cases.id"), nullable=False),
+    sa.Column("info_request_id", Id),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("content_type", sa.String(100), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("loinc", sa.String(20)),
+    sa.Column("data", sa.LargeBinary),  # null when stored in a folder (storage_path)
+    sa.Column("storage_path", sa.String(500)),
+    sa.Column("created_by", sa.String(100), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime),
+    sa.Index("ix_attachments_case", "case_id"),
+)
+
+info_requests = sa.Table(
+    "info_requests", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("case_id", Id, sa.ForeignKey("cases.id"), nullable=False),
+    sa.Column("codes", JSONType, nullable=False),
+    sa.Column("text", sa.String(1000)),
+    sa.Column("requested_at", UTCDateTime, nullable=False),
+    sa.Column("answered_at", UTCDateTime),
+    sa.Index("ix_info_requests_case", "case_id"),
+)
+
+webhook_subscriptions = sa.Table(
+    "webhook_subscriptions", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("url", sa.String(2000), nullable=False),
+    sa.Column("events", JSONType, nullable=False),
+    sa.Column("secret", sa.String(200), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("deleted_at", UTCDateTime),
+    sa.Column("disabled_at", UTCDateTime),
+    sa.Column("disabled_reason", sa.String(300)),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, default=0),
+    sa.Index("ix_webhook_subscriptions_org", "org_id"),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("subscription_id", Id, sa.ForeignKey("webhook_subscriptions.id"), nullable=False),
+    sa.Column("event_type", sa.String(60), nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),  # the webhook-id, stable across retries
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # pending|delivered|failed
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", UTCDateTime),
+    sa.Column("claimed_until", UTCDateTime),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.String(300)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("delivered_at", UTCDateTime),
+    sa.UniqueConstraint("subscription_id", "event_id"),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+)
+
+notifications = sa.Table(
+    "notifications", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("order_id", Id, nullable=False),
+    sa.Column("case_id", Id),
+    sa.Column("event", sa.String(60), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("recipient", sa.String(100), nullable=False),  # a role key, e.g. contact:0, provider
+    sa.Column("audience", sa.String(20), nullable=False),
+    sa.Column("channel", sa.String(20), nullable=False),
+    sa.Column("language", sa.String(5), nullable=False),
+    sa.Column("template", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # queued|sent|failed|suppressed
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", UTCDateTime),
+    sa.Column("claimed_until", UTCDateTime),
+    sa.Column("provider_message_id", sa.String(200)),
+    sa.Column("last_error", sa.String(300)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("sent_at", UTCDateTime),
+    sa.UniqueConstraint("order_id", "event", "version", "recipient", "channel"),
+    sa.Index("ix_notifications_due", "status", "next_attempt_at"),
+)
+
+cds_clients = sa.Table(
+    "cds_clients", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("iss", sa.String(500), nullable=False, unique=True),
+    sa.Column("jwks", JSONType),
+    sa.Column("jwks_url", sa.String(2000)),
+    sa.Column("fhir_servers", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+cds_jtis = sa.Table(
+    "cds_jtis", metadata,
+    sa.Column("iss", sa.String(500), primary_key=True),
+    sa.Column("jti", sa.String(200), primary_key=True),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+
+coverage_assertions = sa.Table(
+    "coverage_assertions", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),
+    sa.Column("payer_id", sa.String(64), nullable=False),
+    sa.Column("code_system", sa.String(5), nullable=False),
+    sa.Column("code", sa.String(5), nullable=False),
+    sa.Column("ruleset_version", sa.String(100), nullable=False),
+    sa.Column("determination", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+rate_limit_events = sa.Table(  # denied-by-rate-limit bookkeeping for alerts (issue 8)
+    "rate_limit_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("org_id", sa.String(64)),
+    sa.Column("token_id", Id),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("route", sa.String(200), nullable=False),
 )
