@@ -33,6 +33,7 @@ class Settings:
     worker_threads: int = 4
     web_workers: int = 2
     sim_port: int = 8090
+    broker_namespace: str = "dramatiq"  # Redis key prefix; lets systems share one Redis
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -60,6 +61,7 @@ class Settings:
             worker_threads=int(env.get("AUTHSVC_WORKER_THREADS", "4")),
             web_workers=int(env.get("AUTHSVC_WEB_WORKERS", "2")),
             sim_port=int(env.get("AUTHSVC_SIM_PORT", "8090")),
+            broker_namespace=env.get("AUTHSVC_BROKER_NAMESPACE", "dramatiq"),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -20,7 +20,7 @@ from authsvc.adapters.db import tables as t
 from authsvc.bootstrap import Services
 from authsvc.domain import cases as cs
 from authsvc.domain import clock
-from authsvc.service_layer import failpoints, payer_work
+from authsvc.service_layer import expiry, failpoints, payer_work
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Scheduler:
     def run(self) -> None:
         s = self.services.settings
         registered: set[str] = set()
-        last_sweep = last_subscribe = -1e9
+        last_sweep = last_subscribe = last_expiry = -1e9
         log.info("scheduler started")
         while not self._stop.is_set():
             try:
@@ -136,6 +136,9 @@ class Scheduler:
                     self.sweep_once()
                     self.deadlines_once()
                     last_sweep = mono
+                if mono - last_expiry >= 60.0:
+                    expiry.expire_authorizations(self.services)
+                    last_expiry = mono
             except Exception as exc:  # noqa: BLE001 - keep the loop alive; the DB holds the work
                 log.warning("scheduler iteration failed: %s", type(exc).__name__)
                 moved = 0

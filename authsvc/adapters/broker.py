@@ -29,10 +29,11 @@ def make_redis(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(redis_url(settings), socket_timeout=5, socket_connect_timeout=3)
 
 
-def make_broker(settings: Settings, namespace: str = "dramatiq"):  # type: ignore[no-untyped-def]
+def make_broker(settings: Settings, namespace: str | None = None):  # type: ignore[no-untyped-def]
     """A Dramatiq RedisBroker tuned for fast redelivery of a dead worker's messages."""
     from dramatiq.brokers.redis import RedisBroker
 
+    namespace = namespace or settings.broker_namespace
     return RedisBroker(url=redis_url(settings), namespace=namespace,
                        heartbeat_timeout=HEARTBEAT_MS,
                        maintenance_chance=MAINTENANCE_CHANCE,

@@ -17,10 +17,12 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 
 from authsvc.adapters.db import repo
+from authsvc.adapters.db import tables as t
 from authsvc.bootstrap import Services
 from authsvc.domain import cases as cs
-from authsvc.domain import clock, deadlines
+from authsvc.domain import clock, deadlines, ids
 from authsvc.domain.payer import (
+    Attachment,
     ClaimLine,
     ClaimRequest,
     CoverageInfo,
@@ -78,8 +80,26 @@ def _parties(order: dict) -> tuple[Party, Party | None]:
     return requester, performer
 
 
+def _attachments(conn: sa.Connection, case_id: str, unsent_only: bool) -> tuple[Attachment, ...]:
+    """Documents attached to the case, read from the database or the attachments folder."""
+    from pathlib import Path
+
+    a = t.attachments
+    q = sa.select(a).where(a.c.case_id == case_id).order_by(a.c.created_at, a.c.id)
+    if unsent_only:
+        q = q.where(a.c.sent_at.is_(None))
+    out = []
+    for row in conn.execute(q).mappings():
+        data = row["data"]
+        if data is None and row["storage_path"]:
+            data = Path(row["storage_path"]).read_bytes()
+        out.append(Attachment(attachment_id=row["id"], content_type=row["content_type"],
+                              title=row["filename"], data=data or b"", loinc=row["loinc"]))
+    return tuple(out)
+
+
 def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | None = None,
-                with_lines: bool = True) -> ClaimRequest:
+                with_lines: bool = True, unsent_attachments_only: bool = False) -> ClaimRequest:
     order = repo.order_row(conn, case["order_id"])
     assert order is not None
     patient = repo.patient_row(conn, order["patient_id"])
@@ -97,7 +117,9 @@ def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | No
         urgency=case["urgency"], patient=_patient_info(patient), coverage=_coverage(order),
         requester=requester, performer=performer, diagnoses=tuple(order["diagnoses"]),
         place_of_service=order["place_of_service"], lines=lines,
+        attachments=_attachments(conn, case["id"], unsent_attachments_only) if with_lines else (),
         related_claim_identifier=case["related_case_id"], created_at=case["created_at"],
+        level_of_care=case["level_of_care"],
     )
 
 
@@ -164,23 +186,37 @@ def submit_case(services: Services, case_id: str) -> None:
             return
         case = repo.case_row(conn, case_id)
         assert case is not None
-        claim = build_claim(conn, case)
+        update = bool(case["update_pending"])
+        claim = build_claim(conn, case, unsent_attachments_only=update)
         # A lease left behind means the previous attempt died mid-call: it may have reached
         # the payer. Like a lost answer, that is settled by asking before resending.
         ask_first = bool(before["submission_unknown"]) or (
             before["state"] == cs.SUBMITTING and before["claimed_until"] is not None)
+    breaker = services.breaker(case["payer_id"])
+    wait_until = breaker.allow(clock.now())
+    if wait_until is not None:
+        _wait_for_breaker(services, case_id, wait_until, keep_unknown=ask_first)
+        return
     failpoints.hit("BEFORE_SUBMIT")
     records: list[ExchangeRecord] = []
     adapter = services.adapter(case["payer_id"], records.append)
     answer: PayerAnswer | None = None
     failure: PayerFailure | None = None
     try:
-        if ask_first:
-            answer = adapter.inquire(claim)
-        if answer is None:
-            answer = adapter.submit(claim)
+        if update:
+            # An update answering an info request; resending the same Bundle is harmless.
+            answer = adapter.update(claim)
+        else:
+            if ask_first:
+                answer = adapter.inquire(claim)
+            if answer is None:
+                answer = adapter.submit(claim)
     except PayerFailure as exc:
         failure = exc
+    if failure is not None and failure.retryable:
+        breaker.failure(clock.now())
+    else:
+        breaker.success()
     failpoints.hit("AFTER_PAYER_BEFORE_COMMIT")
     now = clock.now()
     with services.engine.begin() as conn:
@@ -191,7 +227,10 @@ def submit_case(services: Services, case_id: str) -> None:
         if case["state"] != cs.SUBMITTING:
             return  # cancelled meanwhile, or another worker already stored the answer
         if answer is not None:
-            apply_answer(services, conn, case, answer, now, source="submit")
+            if update and not answer.rejected:
+                _mark_update_sent(conn, case, claim, now)
+            apply_answer(services, conn, case, answer, now,
+                         source="update" if update else "submit")
         elif isinstance(failure, PayerRejected):
             _reject(conn, case, now, http_status=failure.http_status,
                     errors=[dataclasses.asdict(e) for e in failure.errors])
@@ -199,6 +238,37 @@ def submit_case(services: Services, case_id: str) -> None:
             assert failure is not None
             _retry_or_error(services, conn, case, failure, now)
     failpoints.hit("AFTER_COMMIT")
+
+
+def _wait_for_breaker(services: Services, case_id: str, until: dt.datetime,
+                      keep_unknown: bool) -> None:
+    """The payer looks down: put the claimed step back without spending an attempt."""
+    now = clock.now()
+    with services.engine.begin() as conn:
+        case = repo.lock_case(conn, case_id)
+        if case is None or case["state"] != cs.SUBMITTING:
+            return
+        # A previous attempt that may have reached the payer must still be asked about.
+        repo.update_case(conn, case_id, claimed_until=None, next_attempt_at=until,
+                         attempts=max(case["attempts"] - 1, 0), updated_at=now,
+                         submission_unknown=bool(case["submission_unknown"]) or keep_unknown)
+        repo.add_outbox(conn, "submit_case", case_id, now, available_at=until)
+
+
+def _mark_update_sent(conn: sa.Connection, case: dict, claim: ClaimRequest,
+                      now: dt.datetime) -> None:
+    """The payer has the documents: mark them sent and the info request answered."""
+    sent = [a.attachment_id for a in claim.attachments]
+    if sent:
+        conn.execute(t.attachments.update().where(t.attachments.c.id.in_(sent))
+                     .values(sent_at=now))
+    conn.execute(t.info_requests.update().where(
+        t.info_requests.c.case_id == case["id"], t.info_requests.c.answered_at.is_(None),
+    ).values(answered_at=now))
+    repo.update_case(conn, case["id"], update_pending=False)
+    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+                      case_id=case["id"], at=now, event="update_sent", actor="system",
+                      detail={"attachments": len(sent)})
 
 
 def _retry_or_error(services: Services, conn: sa.Connection, case: dict,
@@ -295,6 +365,8 @@ def apply_answer(services: Services, conn: sa.Connection, case: dict, answer: Pa
         }
         repo.update_case_line(conn, case["id"], line["sequence"], **values)
         line.update(values)
+    if answer.info_request is not None:
+        _record_info_request(conn, case, answer, now)
     new_state = cs.aggregate([line["review_action"] for line in lines],
                              info_request_open=answer.info_request is not None)
     if new_state == case["state"]:
@@ -321,8 +393,35 @@ def apply_answer(services: Services, conn: sa.Connection, case: dict, answer: Pa
         order = repo.order_row(conn, case["order_id"])
         assert order is not None
         outcomes.emit_case_decision(conn, order, case, lines, now)
+    if new_state in cs.AUTHORIZED and case["related_case_id"]:
+        _supersede(conn, case, now)
     refresh_order_status(conn, case["order_id"], now)
     return "applied"
+
+
+def _record_info_request(conn: sa.Connection, case: dict, answer: PayerAnswer,
+                         now: dt.datetime) -> None:
+    info = answer.info_request
+    assert info is not None
+    ir = t.info_requests
+    open_one = conn.execute(sa.select(ir.c.id).where(
+        ir.c.case_id == case["id"], ir.c.answered_at.is_(None))).first()
+    if open_one is None:
+        conn.execute(ir.insert().values(id=ids.new_id("info"), case_id=case["id"],
+                                        codes=list(info.codes), text=(info.text or "")[:1000],
+                                        requested_at=now))
+
+
+def _supersede(conn: sa.Connection, case: dict, now: dt.datetime) -> None:
+    """A linked case (extension, appeal, resubmission) that is granted replaces the older."""
+    older = repo.lock_case(conn, case["related_case_id"])
+    if older is None or not cs.can_transition(older["state"], cs.SUPERSEDED):
+        return
+    repo.update_case(conn, older["id"], state=cs.SUPERSEDED, attention_reason=None,
+                     attention_since=None, next_poll_at=None, updated_at=now)
+    repo.add_timeline(conn, org_id=older["org_id"], order_id=older["order_id"],
+                      case_id=older["id"], at=now, event="case_superseded", actor="system",
+                      detail={"by": case["id"]})
 
 
 def _poll_fields(services: Services, case: dict, now: dt.datetime) -> dict:

@@ -65,8 +65,10 @@ class System:
             "AUTHSVC_RETRY_BASE_SECONDS": "0.3",
             "AUTHSVC_LEASE_SECONDS": "8",
             "AUTHSVC_SWEEP_AFTER_SECONDS": "3",
+            "AUTHSVC_BROKER_NAMESPACE": f"e2e-{self.api_port}",
             **(extra_env or {}),
         }
+        self.namespace = self.env["AUTHSVC_BROKER_NAMESPACE"]
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list = []
 

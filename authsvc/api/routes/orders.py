@@ -11,6 +11,7 @@ from authsvc.api.errors import ApiProblem
 from authsvc.api.request_body import json_object, limit_arg, validated_order
 from authsvc.domain.orders import ORDER_STATUSES
 from authsvc.service_layer import orders, views
+from schemas.order_actions import CoverageFixSchema, ExtensionSchema, ResolveSchema
 from schemas.orders import OrderSchema
 
 blp = Blueprint("orders", __name__, url_prefix="/v1/orders",
@@ -112,3 +113,75 @@ def cancel_order(order_id: str) -> Response:
         return 200, views.order_view(conn, g.actor.org_id, order_id)
 
     return idempotency.run(work, required=False, raw_body={})
+
+
+COORDINATOR_ROLES = ("coordinator", "admin")
+
+
+def _body(schema):  # type: ignore[no-untyped-def]
+    from schemas.common import ValidationProblem
+    from schemas.order_actions import load
+
+    raw = json_object()
+    try:
+        return raw, load(schema, raw)
+    except ValidationProblem as exc:
+        raise ApiProblem(422, "The body breaks the payload rules; see errors.",
+                         errors=exc.errors) from None
+
+
+@blp.route("/<order_id>/extensions", methods=["POST"])
+@blp.doc(**{"x-roles": list(COORDINATOR_ROLES)}, requestBody={
+    "required": True, "content": {"application/json": {"schema": ExtensionSchema}}},
+    responses={"201": {"description": "The new extension case"}})
+@requires(*COORDINATOR_ROLES)
+def request_extension(order_id: str) -> Response:
+    """Ask the payer for more on approved lines (a new case of kind `extension`)."""
+    from authsvc.service_layer import order_actions
+
+    raw, body = _body(ExtensionSchema())
+    services = _services()
+
+    def work(conn):  # type: ignore[no-untyped-def]
+        case_id = order_actions.request_extension(services, g.actor, order_id, body, conn)
+        return 201, views.case_view(conn, g.actor.org_id, case_id)
+
+    return idempotency.run(work, required=False, raw_body=raw)
+
+
+@blp.route("/<order_id>/coverage", methods=["POST"])
+@blp.doc(**{"x-roles": list(COORDINATOR_ROLES)}, requestBody={
+    "required": True, "content": {"application/json": {"schema": CoverageFixSchema}}},
+    responses={"200": {"description": "The order, checking eligibility again"}})
+@requires(*COORDINATOR_ROLES)
+def fix_coverage(order_id: str) -> Response:
+    """Correct the member id after a coverage problem; eligibility runs again."""
+    from authsvc.service_layer import order_actions
+
+    raw, body = _body(CoverageFixSchema())
+    services = _services()
+
+    def work(conn):  # type: ignore[no-untyped-def]
+        order_actions.fix_coverage(services, g.actor, order_id, body, conn)
+        return 200, views.order_view(conn, g.actor.org_id, order_id)
+
+    return idempotency.run(work, required=False, raw_body=raw)
+
+
+@blp.route("/<order_id>/resolve", methods=["POST"])
+@blp.doc(**{"x-roles": list(COORDINATOR_ROLES)}, requestBody={
+    "required": True, "content": {"application/json": {"schema": ResolveSchema}}},
+    responses={"200": {"description": "The order without its own needs_attention"}})
+@requires(*COORDINATOR_ROLES)
+def resolve_order(order_id: str) -> Response:
+    """Clear the order's own needs_attention (the note goes to the timeline)."""
+    from authsvc.service_layer import order_actions
+
+    raw, body = _body(ResolveSchema())
+    services = _services()
+
+    def work(conn):  # type: ignore[no-untyped-def]
+        order_actions.resolve_order(services, g.actor, order_id, body, conn)
+        return 200, views.order_view(conn, g.actor.org_id, order_id)
+
+    return idempotency.run(work, required=False, raw_body=raw)
