@@ -20,7 +20,7 @@ from authsvc.adapters.db import tables as t
 from authsvc.bootstrap import Services
 from authsvc.domain import cases as cs
 from authsvc.domain import clock
-from authsvc.service_layer import expiry, failpoints, payer_work
+from authsvc.service_layer import expiry, failpoints, payer_work, timeline
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class Scheduler:
             sent += self._send("run_eligibility", check_id, window)
         for case_id in cancels:
             sent += self._send("cancel_case", case_id, window * 10)
+        from authsvc.service_layer import webhooks_out
+
+        for delivery_id in webhooks_out.due_deliveries(self.services, now):
+            sent += self._send("deliver_webhook", delivery_id, window)
         if len(self._recent) > 100_000:
             self._recent.clear()
         return sent
@@ -110,7 +114,7 @@ class Scheduler:
             for row in rows:
                 repo.update_case(conn, row["id"], attention_reason="overdue",
                                  attention_since=now, updated_at=now)
-                repo.add_timeline(conn, org_id=row["org_id"], order_id=row["order_id"],
+                timeline.record(conn, org_id=row["org_id"], order_id=row["order_id"],
                                   case_id=row["id"], at=now, event="decision_overdue",
                                   actor="system")
         return len(rows)

@@ -11,7 +11,7 @@ from authsvc.adapters.db import tables as t
 from authsvc.bootstrap import Services
 from authsvc.domain import cases as cs
 from authsvc.domain import clock
-from authsvc.service_layer import outcomes
+from authsvc.service_layer import outcomes, timeline
 
 AUTHORIZING = ("A1", "A2", "A6")
 
@@ -51,7 +51,7 @@ def expire_authorizations(services: Services, today: dt.date | None = None,
                               code=line["code"], outcome="expired", decided_at=now,
                               auth_number=line["auth_number"], valid_from=line["valid_from"],
                               valid_to=line["valid_to"])
-            repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+            timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                               case_id=case_id, at=now, event="authorization_expired",
                               actor="system")
             done += 1

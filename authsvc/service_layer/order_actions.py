@@ -9,6 +9,7 @@ from authsvc.bootstrap import Services
 from authsvc.domain import cases as cs
 from authsvc.domain import clock, ids
 from authsvc.domain.errors import NotFound, StateConflict
+from authsvc.service_layer import timeline
 from authsvc.service_layer.context import Actor
 from authsvc.service_layer.orders import order_facts, refresh_order_status
 
@@ -64,7 +65,7 @@ def request_extension(services: Services, actor: Actor, order_id: str, body: dic
         "service_start": standing[seq][1]["service_start"], "service_end": req["service_end"],
     } for seq, req in sorted(wanted.items())])
     repo.add_outbox(conn, "submit_case", case_id, now)
-    repo.add_timeline(conn, org_id=order["org_id"], order_id=order_id, case_id=case_id, at=now,
+    timeline.record(conn, org_id=order["org_id"], order_id=order_id, case_id=case_id, at=now,
                       event="extension_requested", actor=actor.label,
                       detail={"extends": base["id"], "sequences": sorted(wanted)})
     refresh_order_status(conn, order_id, now)
@@ -98,7 +99,7 @@ def fix_coverage(services: Services, actor: Actor, order_id: str, body: dict,
                       status="checking_eligibility", eligibility_status="pending",
                       attention_reason=None, attention_since=None,
                       ruleset_version=engine.version(order["payer_id"]), updated_at=now)
-    repo.add_timeline(conn, org_id=order["org_id"], order_id=order_id, at=now,
+    timeline.record(conn, org_id=order["org_id"], order_id=order_id, at=now,
                       event="coverage_updated", actor=actor.label)
     _audit(conn, actor, order, "update")
 
@@ -113,7 +114,7 @@ def resolve_order(services: Services, actor: Actor, order_id: str, body: dict,
                             current_state=order["status"])
     repo.update_order(conn, order_id, attention_reason=None, attention_since=None,
                       updated_at=now)
-    repo.add_timeline(conn, org_id=order["org_id"], order_id=order_id, at=now,
+    timeline.record(conn, org_id=order["org_id"], order_id=order_id, at=now,
                       event="attention_resolved", actor=actor.label,
                       detail={"reason": order["attention_reason"], "note": body["note"]})
     _audit(conn, actor, order, "update")

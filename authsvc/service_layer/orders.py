@@ -25,7 +25,7 @@ from authsvc.domain.determination import (
 )
 from authsvc.domain.errors import NotFound, StateConflict
 from authsvc.domain.orders import DECIDED, LineFacts, OrderFacts, needs_eligibility
-from authsvc.service_layer import outcomes
+from authsvc.service_layer import outcomes, timeline
 from authsvc.service_layer.context import Actor
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def submit_order(services: Services, actor: Actor, body: dict,
         "coverage_assertion_id": line.get("coverage_assertion_id"),
         "determination": det.to_record(),
     } for line, det in zip(body["lines"], determinations, strict=True)])
-    repo.add_timeline(conn, org_id=actor.org_id, order_id=order_id, at=now,
+    timeline.record(conn, org_id=actor.org_id, order_id=order_id, at=now,
                       event="order_received", actor=actor.label,
                       detail={"ruleset_version": version, "lines": len(determinations)})
     if eligibility == "pending":
@@ -131,13 +131,13 @@ def open_cases(services: Services, conn: sa.Connection, order: dict, now: dt.dat
     attention: dict[str, Any] = {}
     if not_sent:
         attention = {"attention_reason": "not_sent", "attention_since": now}
-        repo.add_timeline(conn, org_id=order["org_id"], order_id=order["id"], at=now,
+        timeline.record(conn, org_id=order["org_id"], order_id=order["id"], at=now,
                           event="lines_not_sent", actor="system",
                           detail={"sequences": [line["sequence"] for line in not_sent]})
     if not sent:
         status = "needs_attention" if not_sent else "no_auth_required"
         repo.update_order(conn, order["id"], status=status, updated_at=now, **attention)
-        repo.add_timeline(conn, org_id=order["org_id"], order_id=order["id"], at=now,
+        timeline.record(conn, org_id=order["org_id"], order_id=order["id"], at=now,
                           event="no_auth_required" if not not_sent else "needs_attention",
                           actor="system")
         return
@@ -156,7 +156,7 @@ def open_cases(services: Services, conn: sa.Connection, order: dict, now: dt.dat
     } for line in sent])
     if state == cs.READY_TO_SUBMIT:
         repo.add_outbox(conn, "submit_case", case_id, now)
-    repo.add_timeline(conn, org_id=order["org_id"], order_id=order["id"], case_id=case_id, at=now,
+    timeline.record(conn, org_id=order["org_id"], order_id=order["id"], case_id=case_id, at=now,
                       event="case_opened", actor=actor.label,
                       detail={"state": state, "sequences": [line["sequence"] for line in sent]})
     refresh_order_status(conn, order["id"], now, **attention)
@@ -187,7 +187,7 @@ def apply_eligibility(services: Services, conn: sa.Connection, check: dict, stat
     if order["status"] == "cancelled":
         return
     repo.update_order(conn, order["id"], eligibility_status=status, updated_at=now)
-    repo.add_timeline(conn, org_id=order["org_id"], order_id=order["id"], at=now,
+    timeline.record(conn, org_id=order["org_id"], order_id=order["id"], at=now,
                       event=f"eligibility_{status}", actor="system")
     if status == "active":
         open_cases(services, conn, {**order, "eligibility_status": status}, now,
@@ -227,12 +227,12 @@ def cancel_order(services: Services, actor: Actor, order_id: str, conn: sa.Conne
                              attention_since=None, updated_at=now, decided_at=now)
             if was_sent:
                 repo.add_outbox(conn, "cancel_case", case["id"], now)
-            repo.add_timeline(conn, org_id=order["org_id"], order_id=order_id,
+            timeline.record(conn, org_id=order["org_id"], order_id=order_id,
                               case_id=case["id"], at=now, event="case_cancelled",
                               actor=actor.label, detail={"sent_to_payer": was_sent})
         repo.update_order(conn, order_id, status="cancelled", updated_at=now,
                           attention_reason=None, attention_since=None)
-        repo.add_timeline(conn, org_id=order["org_id"], order_id=order_id, at=now,
+        timeline.record(conn, org_id=order["org_id"], order_id=order_id, at=now,
                           event="order_cancelled", actor=actor.label)
         repo.add_audit(conn, at=now, org_id=actor.org_id, token_id=actor.token_id,
                        role=actor.role, action="cancel", entity_type="order",

@@ -35,7 +35,7 @@ from authsvc.domain.payer import (
     PayerRejected,
     PayerUnavailable,
 )
-from authsvc.service_layer import failpoints, outcomes
+from authsvc.service_layer import failpoints, outcomes, timeline
 from authsvc.service_layer.context import Actor
 from authsvc.service_layer.orders import apply_eligibility, refresh_order_status
 
@@ -266,7 +266,7 @@ def _mark_update_sent(conn: sa.Connection, case: dict, claim: ClaimRequest,
         t.info_requests.c.case_id == case["id"], t.info_requests.c.answered_at.is_(None),
     ).values(answered_at=now))
     repo.update_case(conn, case["id"], update_pending=False)
-    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+    timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                       case_id=case["id"], at=now, event="update_sent", actor="system",
                       detail={"attachments": len(sent)})
 
@@ -280,7 +280,7 @@ def _retry_or_error(services: Services, conn: sa.Connection, case: dict,
                          claimed_until=None, submission_unknown=unknown or bool(
                              case["submission_unknown"]), last_error=last_error,
                          attention_reason="error", attention_since=now, updated_at=now)
-        repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+        timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                           case_id=case["id"], at=now, event="case_error", actor="system",
                           detail={"attempts": case["attempts"]})
         refresh_order_status(conn, case["order_id"], now)
@@ -291,7 +291,7 @@ def _retry_or_error(services: Services, conn: sa.Connection, case: dict,
                      submission_unknown=unknown or bool(case["submission_unknown"]),
                      last_error=last_error, updated_at=now)
     repo.add_outbox(conn, "submit_case", case["id"], now, available_at=at)
-    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
+    timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
                       at=now, event="submission_retry_scheduled", actor="system",
                       detail={"attempt": case["attempts"], "http_status": failure.http_status})
 
@@ -306,7 +306,7 @@ def _reject(conn: sa.Connection, case: dict, now: dt.datetime, *, http_status: i
                                  "followup": first.get("followup"),
                                  "element": first.get("element"), "path": first.get("path"),
                                  "message": first.get("message")})
-    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
+    timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
                       at=now, event="case_rejected", actor="payer",
                       detail={"aaa_code": first.get("code"), "followup": first.get("followup")})
     refresh_order_status(conn, case["order_id"], now)
@@ -322,13 +322,13 @@ def apply_answer(services: Services, conn: sa.Connection, case: dict, answer: Pa
     Returns what happened: `applied`, `ignored_final`, `ignored_stale` or `rejected`.
     """
     if cs.is_final(case["state"]):
-        repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+        timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                           case_id=case["id"], at=now, event="payer_update_ignored",
                           actor="payer", detail={"source": source, "state": case["state"]})
         return "ignored_final"
     if (answer.event_number is not None and case["last_event_number"] is not None
             and answer.event_number <= case["last_event_number"]):
-        repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+        timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                           case_id=case["id"], at=now, event="payer_update_ignored",
                           actor="payer", detail={"source": source, "reason": "older event"})
         return "ignored_stale"
@@ -373,7 +373,7 @@ def apply_answer(services: Services, conn: sa.Connection, case: dict, answer: Pa
         repo.update_case(conn, case["id"], **common, **_poll_fields(services, case, now))
         return "applied"
     if not cs.can_transition(case["state"], new_state):
-        repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+        timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                           case_id=case["id"], at=now, event="payer_update_ignored",
                           actor="payer", detail={"source": source, "proposed": new_state})
         return "ignored_stale"
@@ -385,7 +385,7 @@ def apply_answer(services: Services, conn: sa.Connection, case: dict, answer: Pa
     else:
         values.update(_poll_fields(services, {**case, "poll_attempts": 0}, now))
     repo.update_case(conn, case["id"], **values)
-    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
+    timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
                       at=now, event=f"case_{new_state}", actor="payer",
                       detail={"source": source, "review_actions":
                               {str(line["sequence"]): line["review_action"] for line in lines}})
@@ -419,7 +419,7 @@ def _supersede(conn: sa.Connection, case: dict, now: dt.datetime) -> None:
         return
     repo.update_case(conn, older["id"], state=cs.SUPERSEDED, attention_reason=None,
                      attention_since=None, next_poll_at=None, updated_at=now)
-    repo.add_timeline(conn, org_id=older["org_id"], order_id=older["order_id"],
+    timeline.record(conn, org_id=older["org_id"], order_id=older["order_id"],
                       case_id=older["id"], at=now, event="case_superseded", actor="system",
                       detail={"by": case["id"]})
 
@@ -493,7 +493,7 @@ def cancel_at_payer(services: Services, case_id: str) -> None:
     with services.engine.begin() as conn:
         repo.record_exchanges(conn, records, payer_id=case["payer_id"], org_id=case["org_id"],
                               order_id=case["order_id"], case_id=case_id)
-        repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"],
+        timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
                           case_id=case_id, at=now,
                           event="cancel_sent" if failure is None else "cancel_send_failed",
                           actor="system")

@@ -1,0 +1,24 @@
+"""Order events: the timeline row and the notifications it causes, in one transaction.
+
+Every state change that a patient, caregiver or provider may hear about goes through
+`record`, so a notification row is written exactly when (and only if) its event commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+
+from authsvc.adapters.db import repo
+
+
+def record(conn: sa.Connection, *, org_id: str, order_id: str, at: dt.datetime, event: str,
+           actor: str, case_id: str | None = None, detail: dict | None = None) -> None:
+    """Append the timeline event and plan the notifications it causes."""
+    from authsvc.service_layer import notifications
+
+    repo.add_timeline(conn, org_id=org_id, order_id=order_id, at=at, event=event, actor=actor,
+                      case_id=case_id, detail=detail)
+    notifications.plan(conn, org_id=org_id, order_id=order_id, case_id=case_id, event=event,
+                       at=at, detail=detail)
