@@ -3,9 +3,13 @@ coordinator and a billing system see it over HTTP, checked against the payer's o
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import redis
 
+from authsvc.domain import clock
 from tests.conftest import order_body
 from tests.e2e.harness import Http, System, wait_for
 from tests.e2e.test_spine import outcomes_for, post_order, settle, unique_member
@@ -24,7 +28,12 @@ def system(database_url, redis_url, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def coordinator(system) -> Http:
+def started_at() -> str:
+    return clock.isoformat(clock.now())
+
+
+@pytest.fixture(scope="module")
+def coordinator(system, started_at) -> Http:
     return Http(system.api, system.token("scenario-clinic", "coordinator"))
 
 
@@ -170,3 +179,14 @@ def test_a_flushed_redis_delays_but_loses_nothing(system, coordinator, billing, 
         settle(coordinator, order["id"], "approved", timeout=90)
         assert len(accepted_submits(system, member)) == 1
         assert [o["outcome"] for o in outcomes_for(billing, order["id"])] == ["approved"]
+
+
+def test_reconcile_finds_nothing_lost_or_duplicated(system, started_at):
+    """Runs last in this module: after every scenario above, `authsvc reconcile` checks the
+    database and the payer's ledger (reliability.md I2–I7) and finds no violation."""
+    out = subprocess.run(
+        [sys.executable, "-m", "authsvc.cli", "reconcile", "--since", started_at,
+         "--sim-url", system.sim, "--settle-seconds", "5"],
+        env=system.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 violation(s)" in out.stdout
