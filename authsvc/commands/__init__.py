@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 
-MODULES = ["authsvc.commands.rules"]
+MODULES = [
+    "authsvc.commands.reconcile",
+    "authsvc.commands.rules",
+]
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:
