@@ -33,3 +33,8 @@ def poll_case(case_id: str) -> None:
 @dramatiq.actor(actor_name="cancel_case", **OPTIONS)
 def cancel_case(case_id: str) -> None:
     payer_work.cancel_at_payer(workers.services(), case_id)
+
+
+@dramatiq.actor(actor_name="noop", max_retries=0)
+def noop(entity_id: str) -> None:
+    """Does nothing: `bench/pipeline.py` measures the broker's drain rate with it."""
