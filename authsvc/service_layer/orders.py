@@ -59,10 +59,12 @@ def determine(services: Services, body: dict) -> tuple[str, list[Determination]]
 
 
 def submit_order(services: Services, actor: Actor, body: dict,
-                 conn: sa.Connection) -> str:
+                 conn: sa.Connection) -> tuple[str, dict | None]:
     """Store a validated order with its determinations and the work it causes.
 
-    Runs inside the caller's transaction (the API's idempotency record shares it).
+    Runs inside the caller's transaction (the API's idempotency record shares it). Returns
+    the order id and, when no case was opened yet (the usual path: eligibility pending),
+    the order's API view built from the values in hand, saving a re-read on intake.
     """
     now = clock.now()
     version, determinations = determine(services, body)
@@ -89,9 +91,9 @@ def submit_order(services: Services, actor: Actor, body: dict,
         "coverage_assertion_id": line.get("coverage_assertion_id"),
         "determination": det.to_record(),
     } for line, det in zip(body["lines"], determinations, strict=True)])
+    received = {"ruleset_version": version, "lines": len(determinations)}
     timeline.record(conn, org_id=actor.org_id, order_id=order_id, at=now,
-                      event="order_received", actor=actor.label,
-                      detail={"ruleset_version": version, "lines": len(determinations)})
+                    event="order_received", actor=actor.label, detail=received)
     if eligibility == "pending":
         check_id = ids.new_id("elg")
         repo.insert_eligibility(conn, {
@@ -108,7 +110,13 @@ def submit_order(services: Services, actor: Actor, body: dict,
                    action="create", entity_type="order", entity_id=order_id,
                    patient_id=patient_id, outcome="success", request_id=actor.request_id,
                    source_ip=actor.source_ip)
-    return order_id
+    if eligibility != "pending":
+        return order_id, None
+    from authsvc.service_layer.views import new_order_view
+
+    return order_id, new_order_view(
+        order_id=order_id, body=body, status="checking_eligibility", version=version,
+        determinations=determinations, at=now, actor=actor.label, received=received)
 
 
 def open_cases(services: Services, conn: sa.Connection, order: dict, now: dt.datetime,

@@ -95,6 +95,35 @@ def order_view(conn: sa.Connection, org_id: str, order_id: str, *,
     return view
 
 
+def new_order_view(*, order_id: str, body: dict, status: str, version: str,
+                   determinations: list[Determination], at: dt.datetime, actor: str,
+                   received: dict) -> dict:
+    """`order_view` of an order just stored and still waiting for eligibility, built from
+    the values in hand (same shape; the intake test compares the two)."""
+    stamp = clock.isoformat(at)
+    return {
+        "id": order_id, "external_id": body.get("external_id"), "status": status,
+        "urgency": body["urgency"], "payer_id": body["coverage"]["payer_id"],
+        "created_at": stamp, "updated_at": stamp, "ruleset_version": version,
+        "lines": [{
+            "sequence": line["sequence"], "code_system": line["code_system"],
+            "code": line["code"], "quantity": line["quantity"],
+            "service_start": _date(line["service_start"]),
+            "service_end": _date(line.get("service_end")),
+            "determination": det.to_dict(),
+        } for line, det in sorted(zip(body["lines"], determinations, strict=True),
+                                  key=lambda pair: pair[0]["sequence"])],
+        "eligibility": {"status": "pending", "checked_at": None,
+                        "date_of_service": _date(min(li["service_start"] for li in body["lines"])),
+                        "plan_name": None},
+        "needs_attention": None,
+        "cases": [],
+        "links": {"self": f"/v1/orders/{order_id}"},
+        "timeline": [{"at": stamp, "event": "order_received", "actor": actor, "case_id": None,
+                      "detail": received}],
+    }
+
+
 def order_list(conn: sa.Connection, org_id: str, *, status: str | None, mrn: str | None,
                cursor: str | None, limit: int) -> dict:
     after = None

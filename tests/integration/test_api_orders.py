@@ -216,3 +216,17 @@ def test_operations_endpoints(client):
     assert ready["status"] == "ok" and set(ready["checks"]) == {"database", "broker", "rules"}
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "authsvc_http_requests" in metrics
+
+
+def test_the_intake_answer_equals_the_stored_order(client, tokens):
+    """The 201 body is built from the values in hand; it must equal a fresh read."""
+    body = order_body(lines=[
+        {"sequence": 2, "code_system": "CPT", "code": "99213", "quantity": 1,
+         "service_start": "2026-12-03"},
+        {"sequence": 1, "code_system": "CPT", "code": "72148", "quantity": 1,
+         "service_start": "2026-12-01", "service_end": "2026-12-31"}])
+    created = post(client, tokens["org-a"]["clinician"], body)
+    assert created.status_code == 201
+    stored = client.get(f"/v1/orders/{created.get_json()['id']}",
+                        headers=auth(tokens["org-a"]["clinician"])).get_json()
+    assert created.get_json() == stored

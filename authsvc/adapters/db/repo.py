@@ -41,25 +41,28 @@ def token_by_hash(conn: sa.Connection, token_hash: str) -> Row | None:
 
 
 def upsert_patient(conn: sa.Connection, org_id: str, patient: dict, now: dt.datetime) -> str:
-    """One patient row per (organization, MRN); the newest order's details win."""
-    existing = _one(conn, sa.select(t.patients.c.id).where(
-        t.patients.c.org_id == org_id, t.patients.c.mrn == patient["mrn"]))
+    """One patient row per (organization, MRN); the newest order's details win.
+
+    A single INSERT … ON CONFLICT DO UPDATE … RETURNING: one round trip, and two first
+    orders for the same MRN arriving together cannot collide.
+    """
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
     values = {
         "given_name": patient["given_name"], "family_name": patient["family_name"],
         "birth_date": patient["birth_date"], "sex": patient["sex"],
         "contacts": patient.get("contacts") or [], "updated_at": now,
     }
-    if existing:
-        conn.execute(t.patients.update().where(t.patients.c.id == existing["id"]).values(**values))
-        return existing["id"]
-    patient_id = ids.new_id("pat")
-    conn.execute(t.patients.insert().values(id=patient_id, org_id=org_id, mrn=patient["mrn"],
-                                            **values))
-    return patient_id
+    stmt = insert(t.patients).values(id=ids.new_id("pat"), org_id=org_id, mrn=patient["mrn"],
+                                     **values)
+    stmt = stmt.on_conflict_do_update(index_elements=["org_id", "mrn"], set_=values)
+    return conn.execute(stmt.returning(t.patients.c.id)).scalar_one()
 
 
 def insert_order(conn: sa.Connection, values: dict, lines: Sequence[dict]) -> None:
-    conn.execute(t.orders.insert().values(**values))
+    conn.execute(t.orders.insert(), values)
     conn.execute(t.order_lines.insert(), [{"order_id": values["id"], **line} for line in lines])
 
 
@@ -120,7 +123,7 @@ def list_orders(conn: sa.Connection, org_id: str, *, status: str | None, mrn: st
 
 
 def insert_eligibility(conn: sa.Connection, values: dict) -> None:
-    conn.execute(t.eligibility_checks.insert().values(attempts=0, **values))
+    conn.execute(t.eligibility_checks.insert(), {"attempts": 0, **values})
 
 
 def latest_eligibility(conn: sa.Connection, order_id: str) -> Row | None:
@@ -241,8 +244,8 @@ def exchanges_of_case(conn: sa.Connection, case_id: str) -> list[Row]:
 
 def add_outbox(conn: sa.Connection, actor: str, entity_id: str, now: dt.datetime,
                available_at: dt.datetime | None = None) -> None:
-    conn.execute(t.outbox.insert().values(actor=actor, entity_id=entity_id, created_at=now,
-                                          available_at=available_at or now, publish_count=0))
+    conn.execute(t.outbox.insert(), {"actor": actor, "entity_id": entity_id, "created_at": now,
+                                     "available_at": available_at or now, "publish_count": 0})
 
 
 def pending_outbox(conn: sa.Connection, now: dt.datetime, limit: int) -> list[Row]:
@@ -305,9 +308,9 @@ def outcomes_of_order(conn: sa.Connection, order_id: str) -> list[Row]:
 def add_timeline(conn: sa.Connection, *, org_id: str, order_id: str, at: dt.datetime,
                  event: str, actor: str, case_id: str | None = None,
                  detail: dict | None = None) -> None:
-    conn.execute(t.timeline_events.insert().values(
-        org_id=org_id, order_id=order_id, case_id=case_id, at=at, event=event, actor=actor,
-        detail=detail))
+    conn.execute(t.timeline_events.insert(), {
+        "org_id": org_id, "order_id": order_id, "case_id": case_id, "at": at, "event": event,
+        "actor": actor, "detail": detail})
 
 
 def timeline(conn: sa.Connection, order_id: str) -> list[Row]:

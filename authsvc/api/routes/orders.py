@@ -50,8 +50,8 @@ def create_order() -> Response:
     services = _services()
 
     def work(conn):  # type: ignore[no-untyped-def]
-        order_id = orders.submit_order(services, g.actor, body, conn)
-        return 201, views.order_view(conn, g.actor.org_id, order_id)
+        order_id, view = orders.submit_order(services, g.actor, body, conn)
+        return 201, view or views.order_view(conn, g.actor.org_id, order_id)
 
     resp = idempotency.run(work, required=True, raw_body=raw)
     if resp.status_code == 201:
