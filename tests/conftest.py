@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from authsvc.config import ROOT, Settings
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
+# Every FHIR resource we build, and every answer the simulator sends, is validated in tests.
+os.environ["AUTHSVC_FHIR_VALIDATE"] = "1"
 DEMO_SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLWF1dGhzdmMtdGVzdHM="
 
 

@@ -66,6 +66,7 @@ class System:
             "AUTHSVC_LEASE_SECONDS": "8",
             "AUTHSVC_SWEEP_AFTER_SECONDS": "3",
             "AUTHSVC_BROKER_NAMESPACE": f"e2e-{self.api_port}",
+            "AUTHSVC_FHIR_VALIDATE": "1",
             **(extra_env or {}),
         }
         self.namespace = self.env["AUTHSVC_BROKER_NAMESPACE"]
