@@ -3,152 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import sqlalchemy as sa
 
-from authsvc.adapters import ruleset_store
 from authsvc.adapters.db.engine import make_engine
 from authsvc.adapters.payers.registry import PayerConfig, build_adapter, load_payers
-from authsvc.adapters.policies import PolicyError, RuleSet, load_ruleset
 from authsvc.adapters.rules_engine import RulesEngine
 from authsvc.config import Settings
 from authsvc.domain.breaker import CircuitBreaker
 from authsvc.domain.payer import ExchangeRecord, PayerAdapter
 
-log = logging.getLogger(__name__)
-
 
 class RulesHolder:
-    """The rules engine in force in this process; swapped whole, atomically, on a new version.
+    """The rules engine in force; a reload swaps the whole immutable engine atomically."""
 
-    The database says which version of each payer's policies is active (a reload writes it);
-    :meth:`current` looks at that record at most every ``check_seconds`` and, when it moved,
-    builds a new engine from the rules directory, but only from files whose digest matches
-    the active version. Anything else (files invalid, or holding another version) keeps the
-    last good engine and says why in :attr:`last_error` (shown by ``/readyz``). In-flight
-    evaluations finish on the engine they started with: engines are immutable.
-    """
-
-    def __init__(self, engine: RulesEngine, error: str | None = None, *,
-                 directory: str | os.PathLike[str] | None = None,
-                 database: sa.Engine | None = None, check_seconds: float = 2.0):
+    def __init__(self, engine: RulesEngine, error: str | None = None):
         self._engine = engine
         self._lock = threading.Lock()
         self.last_error = error
-        self._directory = Path(directory) if directory is not None else None
-        self._db = database
-        self._every = check_seconds
-        self._next_check = 0.0
-        self._files: tuple[tuple, RuleSet | PolicyError] | None = None
-        self._logged: str | None = None
 
     def current(self) -> RulesEngine:
-        """The engine to use now; cheap: a clock read, and a DB query at most every 2 s."""
-        if self._db is not None and time.monotonic() >= self._next_check:
-            self.check()
         return self._engine
 
     def swap(self, engine: RulesEngine) -> None:
         with self._lock:
             self._engine = engine
-            self._set_problem(None)
-
-    # ------------------------------------------------------------------ following the record
-
-    def check(self, *, wait: bool = False) -> None:
-        """Follow the database's active versions now (one thread at a time; others go on)."""
-        if self._db is None or not self._lock.acquire(blocking=wait):
-            return
-        try:
-            self._next_check = time.monotonic() + self._every
-            try:
-                with self._db.connect() as conn:
-                    active = ruleset_store.active_versions(conn)
-            except sa.exc.SQLAlchemyError as exc:
-                if self._logged != "db":
-                    log.warning("rules: cannot read the active ruleset versions (%s); keeping "
-                                "the loaded ones", type(exc).__name__)
-                    self._logged = "db"
-                return
-            self._follow(active)
-        finally:
-            self._lock.release()
-
-    def _follow(self, active: dict[str, tuple[str, str]]) -> None:
-        loaded = {p: (i.version, i.digest) for p, i in self._engine.ruleset.payers.items()}
-        if not active or active == loaded:
-            self._set_problem(self._files_problem(active))
-            return
-        files = self.read_files()
-        if isinstance(files, PolicyError):
-            self._set_problem(f"keeping {_names(loaded)}: the rule files are invalid: "
-                              + "; ".join(files.errors[:3]))
-            return
-        have = {p: (i.version, i.digest) for p, i in files.payers.items()}
-        missing = [f"{p}@{v}" for p, (v, d) in sorted(active.items()) if have.get(p) != (v, d)]
-        if missing:
-            self._set_problem(
-                f"keeping {_names(loaded)}: the database marks {', '.join(missing)} active but "
-                f"{self._directory} holds {_names(have)} (other files or digests)")
-            return
-        ruleset = dataclasses.replace(
-            files, payers={p: i for p, i in files.payers.items() if p in active})
-        self._engine = RulesEngine(ruleset)
-        self._set_problem(None)
-        log.info("rules: now using %s", _names(active))
-
-    def read_files(self) -> RuleSet | PolicyError:
-        """The rules directory compiled, re-read only when a file's size or mtime changed."""
-        assert self._directory is not None
-        signature = _stat_signature(self._directory)
-        if self._files is None or self._files[0] != signature:
-            try:
-                result: RuleSet | PolicyError = load_ruleset(self._directory)
-            except PolicyError as exc:
-                result = exc
-            self._files = (signature, result)
-        return self._files[1]
-
-    def _files_problem(self, active: dict[str, tuple[str, str]]) -> str | None:
-        """Why files on disk would be refused by a reload (shown while the record is in sync)."""
-        if self._directory is None or not active:
-            return None
-        files = self.read_files()
-        if isinstance(files, PolicyError):
-            return ("keeping the active version: the rule files would be refused: "
-                    + "; ".join(files.errors[:3]))
-        for p, idx in files.payers.items():
-            version, digest = active.get(p, (None, None))
-            if version == idx.version and digest != idx.digest:
-                return (f"keeping {p}@{version}: {', '.join(sorted(idx.files))} changed but "
-                        "`version:` did not; a reload refuses it")
-        return None
-
-    def _set_problem(self, problem: str | None) -> None:
-        self.last_error = problem
-        ruleset_store.REFUSED.set(1 if problem else 0)
-        if problem != self._logged:
-            if problem:
-                log.warning("rules: %s", problem)
-            self._logged = problem
-
-
-def _names(versions: dict[str, tuple[str, str]]) -> str:
-    return ", ".join(f"{p}@{v}" for p, (v, _) in sorted(versions.items())) or "nothing"
-
-
-def _stat_signature(directory: Path) -> tuple:
-    try:
-        return tuple(sorted((p.name, s.st_mtime_ns, s.st_size)
-                            for p in directory.glob("*.yaml") if (s := p.stat())))
-    except OSError:
-        return ()
+            self.last_error = None
 
 
 @dataclasses.dataclass
