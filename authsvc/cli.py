@@ -56,7 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _logging()
             return create_app(settings)
 
-    App().run()
+    from authsvc.commands.rules import run_gunicorn
+
+    run_gunicorn(App())  # gunicorn, except that SIGHUP reloads the payer rules
     return 0
 
 
@@ -75,6 +77,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker.start()
+    from authsvc.commands.rules import install_sighup
+
+    install_sighup(workers.services())  # SIGHUP reloads the payer rules
     logging.getLogger("authsvc.worker").info("worker started with %d threads", threads)
     stop.wait()
     worker.stop(timeout=10_000)
@@ -92,6 +97,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     scheduler = Scheduler(bootstrap(settings), make_broker(settings))
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stop())
+    from authsvc.commands.rules import install_sighup
+
+    install_sighup(scheduler.services)  # SIGHUP reloads the payer rules
     scheduler.run()
     return 0
 

@@ -41,6 +41,7 @@ from authsvc.domain.policy import (
     CodeSpecError,
     code_key,
     dx_pattern_matcher,
+    normalize_dx,
     parse_code_spec,
 )
 
@@ -380,6 +381,11 @@ def _schema_errors(doc: _Doc) -> list[str]:
             if extra:
                 path = [*path, extra[0]]
                 message = f"unknown field {extra[0]!r}"
+                if path[-2:-1] in (["codes"], ["with_any_of"]):
+                    message = (f"unknown code system {extra[0]!r} "
+                               f"(one of {', '.join(sorted(allowed))})")
+        elif error.validator == "pattern" and error.schema.get("description"):
+            message = f"{error.instance!r} is not valid here: {error.schema['description']}"
         elif (
             error.validator == "type"
             and isinstance(error.instance, int | float)
@@ -444,12 +450,44 @@ class _FileChecker:
             age = when.get("age", {})
             if "min" in age and "max" in age and age["min"] > age["max"]:
                 self.error([*base, "when", "age"], "age min is above max")
+            for key in ("diagnoses_none_of", "diagnoses_any_of"):
+                for i, pattern in enumerate(when.get(key, ())):
+                    problem = _dx_pattern_problem(pattern)
+                    if problem:
+                        self.error([*base, "when", key, i], problem)
         for g, card in enumerate(data.get("gold_cards", [])):
             base = ["gold_cards", g]
             self.codes(card["codes"], [*base, "codes"])
             self.window(card, base)
             if not npi_valid(card["npi"]):
                 self.error([*base, "npi"], f"{card['npi']!r} fails the NPI check digit")
+
+
+def _dx_pattern_problem(pattern: str) -> str | None:
+    """An ICD-10-CM pattern that can never match a billable code is an authoring error."""
+    from authsvc.adapters import codesets
+
+    if pattern.endswith("*"):
+        prefix = normalize_dx(pattern[:-1])
+        codes = _sorted_icd_codes(codesets.table_for(None).version)
+        i = bisect.bisect_left(codes, prefix)
+        if i == len(codes) or not codes[i].startswith(prefix):
+            return f"{pattern!r}: no ICD-10-CM code starts with {pattern[:-1]!r}"
+        return None
+    status = codesets.icd10cm_status(pattern)
+    if status == "unknown_code":
+        return f"{pattern!r} is not an ICD-10-CM code"
+    if status == "not_billable":
+        return (f"{pattern!r} is a category, never a diagnosis on an order; write "
+                f"'{pattern}*' to match the codes under it")
+    return None
+
+
+@cache
+def _sorted_icd_codes(version: str) -> list[str]:
+    from authsvc.adapters import codesets
+
+    return sorted(codesets.table_for(None).codes)
 
 
 def _ordered_files(directory: Path) -> list[Path]:
@@ -469,12 +507,16 @@ def load_ruleset(directory: str | os.PathLike[str]) -> RuleSet:
     files = _ordered_files(path)
     if not files:
         raise PolicyError([f"{path}:0: no *.yaml policy files at the top level"])
-    ruleset = load_documents({str(f): f.read_bytes() for f in files})
+    ruleset = load_documents({str(f): f.read_bytes() for f in files}, strict=True)
     return dataclasses.replace(ruleset, directory=str(path))
 
 
-def load_documents(documents: Mapping[str, bytes | str]) -> RuleSet:
-    """Compile policy documents given as ``{file name: YAML}`` (files sorted by name)."""
+def load_documents(documents: Mapping[str, bytes | str], *, strict: bool = False) -> RuleSet:
+    """Compile policy documents given as ``{file name: YAML}`` (files sorted by name).
+
+    ``strict`` adds the checks across policies that only an author can resolve
+    (contradicting overlaps); policy files in a directory are always loaded strictly.
+    """
     errors: list[str] = []
     docs: list[_Doc] = []
     for name in sorted(documents):
@@ -498,6 +540,8 @@ def load_documents(documents: Mapping[str, bytes | str]) -> RuleSet:
         index = _compile_payer(payer_id, payer_docs, errors)
         if index is not None:
             payers[payer_id] = index
+        if strict:
+            errors.extend(contradictions(payer_docs))
     if errors:
         raise PolicyError(errors)
     return RuleSet(payers=payers)
@@ -641,3 +685,54 @@ def _compile_tests(when: Mapping[str, Any]) -> tuple[Predicate, ...]:
         required = dx_pattern_matcher(when["diagnoses_any_of"])
         tests.append(lambda ctx: required(ctx.diagnoses))
     return tuple(tests)
+
+
+def contradictions(docs: list[_Doc]) -> list[str]:
+    """Policies of one payer that name the same codes under the same ``when`` but disagree.
+
+    Most restrictive wins, so such a pair is decided; but an author who lists ``72148`` as
+    ``pa_required: true`` in one policy and ``false`` in another, under identical tests, meant
+    one of them. Overlaps by *nesting* (a code or narrower range inside a wider range) are
+    refinements and stay allowed; identical entries and partly overlapping ranges are errors.
+    Found by a sweep over sorted intervals per (code class, ``when``): O(n log n) in entries.
+    """
+    entries: dict[tuple[str, str], list[tuple[int, int, str, str, str]]] = defaultdict(list)
+    for doc in docs:
+        for p, raw in enumerate(doc.data.get("policies", [])):
+            when = json.dumps(raw.get("when", {}), sort_keys=True)
+            where = f"{doc.name}:{_line_of(doc.root, ['policies', p])}"
+            pa = PA_VALUES[raw["pa_required"]]
+            for system, specs in raw["codes"].items():
+                for spec in specs:
+                    parsed = parse_code_spec(system, spec)
+                    if isinstance(parsed, str):
+                        key = code_key(system, parsed)
+                        if key is None:
+                            continue
+                        klass, start, end = key[0], key[1], key[1]
+                    else:
+                        klass, start, end = parsed
+                    entries[(klass, when)].append((start, end, pa, raw["id"], f"{where}|{spec}"))
+    out: list[str] = []
+    for group in entries.values():
+        group.sort()
+        open_: list[tuple[int, int, str, str, str]] = []
+        for entry in group:
+            start, end, pa, pid, tag = entry
+            open_ = [e for e in open_ if e[1] >= start]
+            for other in open_:
+                o_start, o_end, o_pa, o_id, o_tag = other
+                if o_pa == pa or o_id == pid:
+                    continue
+                nested = (o_start <= start and end <= o_end) or (start <= o_start and o_end <= end)
+                if nested and (o_start, o_end) != (start, end):
+                    continue
+                where, spec = tag.split("|")
+                o_where, o_spec = o_tag.split("|")
+                out.append(
+                    f"{where}: policy {pid!r} ({spec}, {pa}) contradicts {o_id!r} at {o_where} "
+                    f"({o_spec}, {o_pa}): same codes under the same `when`; split the codes "
+                    "or add a `when` test"
+                )
+            open_.append(entry)
+    return out

@@ -30,12 +30,20 @@ def json_object() -> dict[str, Any]:
         raise ApiProblem(400, f"The body is not usable JSON: {exc}") from None
 
 
-def validated_order(data: dict[str, Any]) -> dict[str, Any]:
+def validated_order(data: dict[str, Any], *, preview: bool = False) -> dict[str, Any]:
+    """An order body checked against the payload rules.
+
+    An order must name a payer we have policies for *and* can talk to (payers file); a
+    preview only needs the policies (e.g. Medicare's lists, with no payer endpoint here).
+    """
     from schemas.orders import load_order
 
     services = current_app.extensions["authsvc"]
+    known = services.rules.current().payer_ids()
+    if not preview:
+        known = known & set(services.payers)
     try:
-        return load_order(data, services.rules.current().payer_ids())
+        return load_order(data, known)
     except ValidationProblem as exc:
         raise ApiProblem(422, "The order breaks the payload rules; see errors.",
                          errors=exc.errors) from None

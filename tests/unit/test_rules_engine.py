@@ -139,7 +139,7 @@ def test_demo_therapy_at_or_below_twelve_units_is_conditions_not_met(demo, quant
 
 
 def test_demo_versions(demo):
-    assert demo.payer_ids() == {"demo"}
+    assert demo.payer_ids() == {"demo", "medicare"}  # rules/ ships the Medicare lists too
     assert demo.version("demo") == "demo@2026-11-20.1"
     info = demo.versions()["demo"]
     assert info["version"] == "demo@2026-11-20.1"
@@ -678,6 +678,7 @@ def test_code_index_ranges_overlap_and_exact_codes():
 
 
 def test_load_documents_matches_files(tmp_path):
-    ruleset = load_documents({"demo.yaml": (RULES_DIR / "demo.yaml").read_text()})
+    ruleset = load_documents({name: (RULES_DIR / name).read_text()
+                              for name in ("demo.yaml", "medicare.yaml")})
     assert json.dumps(ruleset.versions(), sort_keys=True) == json.dumps(
         RulesEngine.from_directory(RULES_DIR).versions(), sort_keys=True)
