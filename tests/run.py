@@ -33,6 +33,10 @@ def main() -> int:
     if lint.returncode != 0:
         print("ruff found problems", file=sys.stderr)
         return lint.returncode
+    from tests.security.static import bandit_and_pip_audit
+
+    if bandit_and_pip_audit(ROOT, env) != 0:
+        return 1
     contracts = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=ROOT,
                                env=env)
     if contracts.returncode != 0:

@@ -46,24 +46,36 @@ def _unauthorized(detail: str) -> ApiProblem:
     return ApiProblem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="authsvc"'})
 
 
+def _deny(reason: str, detail: str, token_id: str | None = None) -> ApiProblem:
+    """A 401 whose reason the audit hook records (never the token itself)."""
+    g.deny_reason = reason
+    g.deny_token_id = token_id
+    return _unauthorized(detail)
+
+
 def authenticate() -> Actor:
+    from authsvc.api import security
+
+    security.check_auth_failures()
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
-        raise _unauthorized("Send a bearer token in the Authorization header.")
+        if "access_token" in request.args or "token" in request.args:
+            raise _deny("token_in_query", "Send the token in the Authorization header only.")
+        raise _deny("no_token", "Send a bearer token in the Authorization header.")
     token = header[7:].strip()
     if not token or len(token) > 200 or not token.isascii():
-        raise _unauthorized("The token is not valid.")
+        raise _deny("malformed_token", "The token is not valid.")
     digest = hash_token(token)
     services = current_app.extensions["authsvc"]
     now = clock.now()
     with services.engine.connect() as conn:
         row = repo.token_by_hash(conn, digest)
     if row is None or not hmac.compare_digest(row["token_hash"], digest):
-        raise _unauthorized("The token is not valid.")
+        raise _deny("unknown_token", "The token is not valid.")
     if row["revoked_at"] is not None:
-        raise _unauthorized("The token was revoked.")
+        raise _deny("revoked_token", "The token was revoked.", row["id"])
     if row["expires_on"] is not None and now.date() > row["expires_on"]:
-        raise _unauthorized("The token has expired.")
+        raise _deny("expired_token", "The token has expired.", row["id"])
     last = row["last_used_at"]
     if last is None or now - last > dt.timedelta(seconds=60):
         with services.engine.begin() as conn:
@@ -79,8 +91,11 @@ def requires(*roles: str) -> Callable:
     def decorate(view: Callable) -> Callable:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from authsvc.api import security
+
             actor = authenticate()
             g.actor = actor
+            security.enforce_rate_limits(actor.org_id, actor.token_id or "")
             if actor.role not in roles:
                 raise ApiProblem(403, "This role may not use this endpoint.")
             return view(*args, **kwargs)

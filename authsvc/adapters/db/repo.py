@@ -321,4 +321,7 @@ def timeline(conn: sa.Connection, order_id: str) -> list[Row]:
 
 
 def add_audit(conn: sa.Connection, **values: Any) -> None:
-    conn.execute(t.audit_events.insert().values(**values))
+    """Append to the hash-chained audit trail (see authsvc/adapters/db/audit.py)."""
+    from authsvc.adapters.db import audit
+
+    audit.append(conn, **values)
