@@ -20,14 +20,20 @@ def emit(conn: sa.Connection, *, order: dict, case_id: str | None, sequence: int
          valid_to: dt.date | None = None, denial_code: str | None = None,
          denial_text: str | None = None) -> None:
     """Append the next version for (order, sequence). Call `repo.lock_outcome_feed` first."""
+    from authsvc.service_layer import webhooks_out
+
+    outcome_id = ids.new_id("out")
     repo.insert_outcome(conn, {
-        "id": ids.new_id("out"), "org_id": order["org_id"], "order_id": order["id"],
+        "id": outcome_id, "org_id": order["org_id"], "order_id": order["id"],
         "case_id": case_id, "sequence": sequence, "code": code, "outcome": outcome,
         "auth_number": auth_number, "authorized_quantity": authorized_quantity,
         "valid_from": valid_from, "valid_to": valid_to, "denial_code": denial_code,
         "denial_text": denial_text, "payer_id": order["payer_id"], "decided_at": decided_at,
         "version": repo.next_outcome_version(conn, order["id"], sequence),
     })
+    # Same transaction as the outcome: a subscriber's delivery exists iff the outcome does.
+    webhooks_out.enqueue_event(conn, order["org_id"], "outcome.created",
+                               {"outcome_id": outcome_id})
 
 
 def emit_case_decision(conn: sa.Connection, order: dict, case: dict, lines: list[dict],

@@ -178,6 +178,8 @@ cases = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index("ix_cases_worklist", "org_id", "state", "decision_due_at"),
+    sa.Index("ix_cases_org_due", "org_id", "decision_due_at", "id"),
+    sa.Index("ix_cases_org_assignee_due", "org_id", "assignee", "decision_due_at", "id"),
     sa.Index("ix_cases_order", "order_id"),
     sa.Index("ix_cases_next_poll", "next_poll_at"),
 )

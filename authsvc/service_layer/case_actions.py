@@ -1,0 +1,335 @@
+"""Coordinator actions on a case (api.md › Cases), one transaction each.
+
+Every action locks the case, checks the caller's organization (another organization's case
+is "not found") and the case state (409 with the current state), writes the timeline and an
+audit event, and refreshes the order's status after a state change. Concurrent actions are
+serialized by the row lock and the state checks; there is no If-Match.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any
+
+import sqlalchemy as sa
+
+from authsvc.adapters.db import repo
+from authsvc.adapters.db import repo_cases as rc
+from authsvc.bootstrap import Services
+from authsvc.domain import cases as cs
+from authsvc.domain import clock, ids
+from authsvc.domain.determination import SENT_PA, Determination
+from authsvc.domain.errors import NotFound, StateConflict
+from authsvc.domain.payer import DenialReason, LineDecision, PayerAnswer
+from authsvc.service_layer import outcomes, payer_work
+from authsvc.service_layer.context import Actor
+from authsvc.service_layer.orders import refresh_order_status
+
+MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
+DECISION_STATES = frozenset({cs.SUBMITTED, cs.PENDED, cs.INFO_REQUESTED, cs.CONTACT_PAYER,
+                             cs.ERROR})
+APPEALABLE = frozenset({cs.DENIED, cs.PARTIALLY_APPROVED, cs.MODIFIED})
+RESUBMITTABLE = frozenset({cs.REJECTED, cs.ERROR})
+NO_RESUBMIT_FOLLOWUPS = frozenset({"N", "S", "Y"})
+APPROVED_ACTIONS = frozenset({"A1", "A2", "A6"})
+ACTION_BY_OUTCOME = {"approved": "A1", "denied": "A3", "modified": "A6"}
+APPEAL_KINDS = {"standard": ("appeal_standard", "2"), "immediate": ("appeal_immediate", "1")}
+
+#: magic bytes → content type; anything else is refused (415).
+MAGIC = (
+    (b"%PDF-", "application/pdf"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+class Invalid(ValueError):
+    """A well-formed request that does not fit this case (HTTP 422 naming the fields)."""
+
+    def __init__(self, message: str, errors: list[dict]):
+        super().__init__(message)
+        self.errors = errors
+
+
+class UnsupportedMedia(ValueError):
+    """The uploaded bytes are none of the accepted document types (HTTP 415)."""
+
+
+def sniff(data: bytes) -> str:
+    """The content type from the file's first bytes; the client's claim is not trusted."""
+    for magic, ctype in MAGIC:
+        if data.startswith(magic):
+            return ctype
+    raise UnsupportedMedia("only PDF, PNG, JPEG and TIFF documents are accepted")
+
+
+def _locked(conn: sa.Connection, actor: Actor, case_id: str) -> dict:
+    case = repo.lock_case(conn, case_id)
+    if case is None or case["org_id"] != actor.org_id:
+        raise NotFound("case")
+    return case
+
+
+def _audit(conn: sa.Connection, actor: Actor, case: dict, now: dt.datetime, action: str,
+           reason: str) -> None:
+    order = repo.order_row(conn, case["order_id"])
+    repo.add_audit(conn, at=now, org_id=actor.org_id, token_id=actor.token_id, role=actor.role,
+                   action=action, entity_type="case", entity_id=case["id"],
+                   patient_id=order["patient_id"] if order else None, outcome="success",
+                   request_id=actor.request_id, source_ip=actor.source_ip, reason=reason)
+
+
+def _timeline(conn: sa.Connection, case: dict, now: dt.datetime, event: str, actor: Actor,
+              detail: dict | None = None) -> None:
+    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
+                      at=now, event=event, actor=actor.label, detail=detail)
+
+
+def _who(actor: Actor) -> str:
+    return actor.name or actor.label
+
+
+# ------------------------------------------------------------------ assign, notes, resolve
+
+
+def assign(actor: Actor, conn: sa.Connection, case_id: str, assignee: str | None) -> None:
+    """Set or clear the free-text assignee (any state: closed cases may need follow-up)."""
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    repo.update_case(conn, case_id, assignee=assignee, updated_at=now)
+    _timeline(conn, case, now, "case_assigned" if assignee else "case_unassigned", actor,
+              {"assignee": assignee})
+    _audit(conn, actor, case, now, "update", "assign")
+
+
+def add_note(actor: Actor, conn: sa.Connection, case_id: str, text: str) -> str:
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    note_id = ids.new_id("note")
+    rc.add_note(conn, {"id": note_id, "org_id": case["org_id"], "case_id": case_id,
+                       "author": _who(actor), "text": text, "created_at": now})
+    _timeline(conn, case, now, "note_added", actor, {"note_id": note_id})
+    _audit(conn, actor, case, now, "update", "note")
+    return note_id
+
+
+def resolve(actor: Actor, conn: sa.Connection, case_id: str, note: str | None) -> None:
+    """Clear needs_attention; the note goes to the timeline. A no-op when nothing is set."""
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    reason = case["attention_reason"]
+    if reason is not None:
+        repo.update_case(conn, case_id, attention_reason=None, attention_since=None,
+                         updated_at=now)
+    _timeline(conn, case, now, "attention_resolved", actor, {"reason": reason, "note": note})
+    _audit(conn, actor, case, now, "update", "resolve")
+
+
+# ------------------------------------------------------------------ attachments
+
+
+def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename: str,
+                   data: bytes, loinc: str | None = None) -> str:
+    """Store a document and move the case on (needs_input → ready, info_requested → update)."""
+    now = clock.now()
+    content_type = sniff(data)
+    case = _locked(conn, actor, case_id)
+    if cs.is_final(case["state"]):
+        raise StateConflict("documents cannot be added to a final case",
+                            current_state=case["state"])
+    info_request_id = None
+    state = case["state"]
+    if state == cs.INFO_REQUESTED:
+        info_request_id = rc.answer_info_requests(conn, case_id, now)
+    attachment_id = ids.new_id("att")
+    rc.insert_attachment(conn, {
+        "id": attachment_id, "org_id": case["org_id"], "case_id": case_id,
+        "info_request_id": info_request_id, "filename": filename[:255] or "document",
+        "content_type": content_type, "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(), "loinc": loinc, "data": data,
+        "created_by": actor.label, "created_at": now,
+    })
+    effect = "kept_for_next_send"
+    if state == cs.NEEDS_INPUT:
+        repo.update_case(conn, case_id, state=cs.transition(state, cs.READY_TO_SUBMIT),
+                         updated_at=now)
+        repo.add_outbox(conn, "submit_case", case_id, now)
+        effect = "ready_to_submit"
+    elif state == cs.INFO_REQUESTED:
+        values: dict[str, Any] = {
+            "state": cs.transition(state, cs.SUBMITTING), "update_pending": True,
+            "next_attempt_at": None, "claimed_until": None, "updated_at": now}
+        if case["attention_reason"] == "info_requested":
+            values.update(attention_reason=None, attention_since=None)
+        repo.update_case(conn, case_id, **values)
+        repo.add_outbox(conn, "submit_case", case_id, now)
+        effect = "update_sent"
+    _timeline(conn, case, now, "attachment_added", actor,
+              {"attachment_id": attachment_id, "content_type": content_type,
+               "size": len(data), "effect": effect})
+    _audit(conn, actor, case, now, "update", "attachment")
+    if effect != "kept_for_next_send":
+        refresh_order_status(conn, case["order_id"], now)
+    return attachment_id
+
+
+# ------------------------------------------------------------------ decisions by phone/fax
+
+
+def record_decision(services: Services, actor: Actor, conn: sa.Connection, case_id: str,
+                    body: dict) -> None:
+    """A decision received outside the API, applied exactly like a payer's answer."""
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    if case["state"] not in DECISION_STATES:
+        raise StateConflict("a decision can be recorded only while the payer is deciding",
+                            current_state=case["state"])
+    sequences = {line["sequence"] for line in repo.case_lines(conn, case_id)}
+    unknown = [i for i, d in enumerate(body["lines"]) if d["sequence"] not in sequences]
+    if unknown:
+        raise Invalid("a line is not on this case", [
+            {"field": f"lines[{i}].sequence", "code": "unknown_code",
+             "message": "no line with this sequence on the case"} for i in unknown])
+    decisions = []
+    for d in body["lines"]:
+        reason = d.get("denial_reason")
+        decisions.append(LineDecision(
+            sequence=d["sequence"], review_action=ACTION_BY_OUTCOME[d["outcome"]],
+            auth_number=d.get("auth_number"), authorized_quantity=d.get("authorized_quantity"),
+            valid_from=d.get("valid_from"), valid_to=d.get("valid_to"),
+            denial_reason=DenialReason(reason.get("code"), reason.get("text")) if reason else None,
+        ))
+    answer = PayerAnswer(outcome="complete", lines=tuple(decisions), claim_identifier=case_id)
+    result = payer_work.apply_answer(services, conn, case, answer, now, source="manual")
+    fresh = repo.case_row(conn, case_id)
+    assert fresh is not None
+    _timeline(conn, case, now, "decision_recorded", actor, {
+        "reference": body.get("reference"), "received_via": body["received_via"],
+        "who": _who(actor), "result": result, "state": fresh["state"]})
+    _audit(conn, actor, case, now, "decide", "manual_decision")
+    refresh_order_status(conn, case["order_id"], now)
+
+
+# ------------------------------------------------------------------ linked cases
+
+
+def _open_linked(conn: sa.Connection, order: dict, case: dict, now: dt.datetime, *, kind: str,
+                 certification_type: str, lines: list[dict], actor: Actor,
+                 **extra: Any) -> str:
+    new_id = ids.new_id("case")
+    repo.insert_case(conn, {
+        "id": new_id, "org_id": case["org_id"], "order_id": case["order_id"],
+        "payer_id": case["payer_id"], "kind": kind, "related_case_id": case["id"],
+        "certification_type": certification_type, "urgency": extra.pop("urgency",
+                                                                      case["urgency"]),
+        "state": cs.READY_TO_SUBMIT, "created_at": now, "updated_at": now, **extra,
+    }, [{
+        "sequence": line["sequence"], "code_system": line["code_system"], "code": line["code"],
+        "quantity": line["quantity"], "service_start": line["service_start"],
+        "service_end": line["service_end"],
+    } for line in lines])
+    repo.add_outbox(conn, "submit_case", new_id, now)
+    repo.add_timeline(conn, org_id=case["org_id"], order_id=order["id"], case_id=new_id, at=now,
+                      event="case_opened", actor=actor.label,
+                      detail={"state": cs.READY_TO_SUBMIT, "kind": kind,
+                              "related_case_id": case["id"],
+                              "sequences": [line["sequence"] for line in lines]})
+    return new_id
+
+
+def appeal(actor: Actor, conn: sa.Connection, case_id: str, body: dict) -> str:
+    """Open an appeal (UM02 2 standard, 1 immediate) for the denied or modified lines."""
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    if case["state"] not in APPEALABLE:
+        raise StateConflict("only a denied, partially approved or modified case can be "
+                            "appealed", current_state=case["state"])
+    if (linked := rc.open_linked_case(conn, case_id)) is not None:
+        raise StateConflict(f"case {linked['id']} linked to this one is still open",
+                            current_state=case["state"])
+    lines = [line for line in repo.case_lines(conn, case_id)
+             if line["review_action"] in ("A3", "A6")]
+    if not lines:
+        raise StateConflict("no denied or modified line to appeal", current_state=case["state"])
+    order = repo.order_row(conn, case["order_id"])
+    assert order is not None
+    kind, cert = APPEAL_KINDS[body["kind"]]
+    new_id = _open_linked(conn, order, case, now, kind=kind, certification_type=cert,
+                          lines=lines, actor=actor, level_of_care=body.get("level_of_care"),
+                          reason=body.get("reason"),
+                          urgency="expedited" if body["kind"] == "immediate" else case["urgency"])
+    _timeline(conn, case, now, "case_appealed", actor, {"appeal_case_id": new_id, "kind": kind})
+    _audit(conn, actor, case, now, "create", "appeal")
+    refresh_order_status(conn, case["order_id"], now)
+    return new_id
+
+
+def resubmit(actor: Actor, conn: sa.Connection, case_id: str) -> str:
+    """A new request from the order's current data; the rejected case is superseded at once."""
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    if case["state"] not in RESUBMITTABLE:
+        raise StateConflict("only a rejected or failed case can be resubmitted",
+                            current_state=case["state"])
+    followup = (case["last_error"] or {}).get("followup")
+    if followup in NO_RESUBMIT_FOLLOWUPS:
+        raise StateConflict(f"the payer's follow-up action {followup} forbids resubmission",
+                            current_state=case["state"])
+    order = repo.order_row(conn, case["order_id"])
+    assert order is not None
+    lines = [line for line in repo.order_lines(conn, order["id"])
+             if Determination.from_record(line["determination"]).pa_needed in SENT_PA]
+    if not lines:
+        raise StateConflict("no line of the order needs authorization any more",
+                            current_state=case["state"])
+    new_id = _open_linked(conn, order, case, now, kind="resubmission", certification_type="I",
+                          lines=lines, actor=actor, urgency=order["urgency"])
+    repo.update_case(conn, case_id, state=cs.transition(case["state"], cs.SUPERSEDED),
+                     attention_reason=None, attention_since=None, claimed_until=None,
+                     next_poll_at=None, next_attempt_at=None, updated_at=now)
+    _timeline(conn, case, now, "case_superseded", actor, {"by": new_id})
+    _audit(conn, actor, case, now, "submit", "resubmit")
+    refresh_order_status(conn, case["order_id"], now)
+    return new_id
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def cancel(actor: Actor, conn: sa.Connection, case_id: str) -> None:
+    """Cancel an open case, or withdraw an authorization (a `cancelled` outcome per line)."""
+    now = clock.now()
+    case = _locked(conn, actor, case_id)
+    state = case["state"]
+    if not (cs.is_open(state) or state in cs.AUTHORIZED):
+        raise StateConflict("this case is final and cannot be cancelled", current_state=state)
+    # `submitting` may already have reached the payer (answer in flight or lost).
+    tell_payer = (case["submitted_at"] is not None or state in cs.AUTHORIZED
+                  or state == cs.SUBMITTING)
+    repo.update_case(conn, case_id, state=cs.transition(state, cs.CANCELLED),
+                     next_poll_at=None, claimed_until=None, attention_reason=None,
+                     attention_since=None, updated_at=now,
+                     decided_at=case["decided_at"] or now)
+    withdrawn: list[int] = []
+    if state in cs.AUTHORIZED:
+        order = repo.order_row(conn, case["order_id"])
+        assert order is not None
+        lines = [line for line in repo.case_lines(conn, case_id)
+                 if line["review_action"] in APPROVED_ACTIONS]
+        if lines:
+            repo.lock_outcome_feed(conn)
+        for line in lines:
+            outcomes.emit(conn, order=order, case_id=case_id, sequence=line["sequence"],
+                          code=line["code"], outcome="cancelled", decided_at=now,
+                          auth_number=line["auth_number"], valid_from=line["valid_from"],
+                          valid_to=line["valid_to"])
+            withdrawn.append(line["sequence"])
+    if tell_payer:
+        repo.add_outbox(conn, "cancel_case", case_id, now)
+    _timeline(conn, case, now, "case_cancelled", actor,
+              {"sent_to_payer": tell_payer, "withdrawn_sequences": withdrawn, "from": state})
+    _audit(conn, actor, case, now, "cancel", "cancel")
+    refresh_order_status(conn, case["order_id"], now)
