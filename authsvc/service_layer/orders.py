@@ -69,6 +69,10 @@ def submit_order(services: Services, actor: Actor, body: dict,
     now = clock.now()
     version, determinations = determine(services, body)
     order_id = ids.new_id("ord")
+    from authsvc.service_layer import crd  # CDS Hooks continuity: reuse coverage assertions
+
+    determinations = crd.reuse_assertions(conn, actor.org_id, body, version, determinations,
+                                          order_id=order_id, at=now, actor=actor.label)
     patient_id = repo.upsert_patient(conn, actor.org_id, body["patient"], now)
     eligibility = "pending" if needs_eligibility(determinations) else "not_required"
     coverage = body["coverage"]
