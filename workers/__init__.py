@@ -32,4 +32,12 @@ def setup(settings: Settings, broker=None, svc: Services | None = None):  # type
         importlib.reload(sys.modules["workers.actors"])  # bind the actors to this broker
     else:
         importlib.import_module("workers.actors")
+    if "workers.delivery" in sys.modules:
+        importlib.reload(sys.modules["workers.delivery"])  # webhook deliveries (issue 7)
+    else:
+        importlib.import_module("workers.delivery")
+    if "workers.notify" in sys.modules:
+        importlib.reload(sys.modules["workers.notify"])  # notifications (issue 6)
+    else:
+        importlib.import_module("workers.notify")
     return broker

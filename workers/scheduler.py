@@ -93,6 +93,14 @@ class Scheduler:
             sent += self._send("run_eligibility", check_id, window)
         for case_id in cancels:
             sent += self._send("cancel_case", case_id, window * 10)
+        from authsvc.service_layer import webhooks_out
+
+        for delivery_id in webhooks_out.due_deliveries(self.services, now):
+            sent += self._send("deliver_webhook", delivery_id, window)
+        from authsvc.service_layer import notifications
+
+        for notification_id in notifications.due(self.services, now):  # issue 6
+            sent += self._send("send_notification", notification_id, window)
         if len(self._recent) > 100_000:
             self._recent.clear()
         return sent

@@ -21,12 +21,12 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:  # typ
     from authsvc.adapters.broker import make_redis
     from authsvc.api import errors, metrics
     from authsvc.api.errors import ApiProblem
-    from authsvc.api.routes import callbacks, ops, orders, outcomes
+    from authsvc.api.routes import audit, callbacks, ops, orders, outcomes
     from authsvc.bootstrap import bootstrap
 
     settings = settings or Settings.from_env()
     services = services or bootstrap(settings)
-    app = Flask("authsvc")
+    app = Flask("authsvc", static_folder=None)  # no /static route (S12 inventory)
     app.config.update(
         MAX_CONTENT_LENGTH=11 * 1024 * 1024,  # the attachment limit; JSON routes check 256 KiB
         API_TITLE="authsvc", API_VERSION="1", OPENAPI_VERSION="3.1.0",
@@ -39,10 +39,25 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:  # typ
     api = Api(app, spec_kwargs={"info": {"description": "Prior authorization and eligibility"}})
     api.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     api.spec.options["security"] = [{"bearer": []}]
-    for blp in (orders.blp, outcomes.blp, callbacks.blp):
+    from authsvc.api.routes import (
+        cases,
+        cds,
+        coverage,
+        notifications_admin,
+        reports,
+        rules_admin,
+        subscriptions,
+    )
+
+    for blp in (orders.blp, outcomes.blp, callbacks.blp, audit.blp, coverage.blp,
+                rules_admin.blp, cases.blp, subscriptions.blp, reports.blp, cds.blp,
+                notifications_admin.blp):
         api.register_blueprint(blp)
     app.register_blueprint(ops.bp)
     errors.register(app)
+    from authsvc.api import security
+
+    security.init_app(app, settings, services)
 
     @app.before_request
     def _begin() -> None:

@@ -11,6 +11,9 @@ import importlib
 MODULES = [
     "authsvc.commands.reconcile",
     "authsvc.commands.rules",
+    "authsvc.commands.audit",
+    "authsvc.commands.cds_clients",
+    "authsvc.commands.orgs",
 ]
 
 

@@ -230,3 +230,17 @@ def test_the_intake_answer_equals_the_stored_order(client, tokens):
     stored = client.get(f"/v1/orders/{created.get_json()['id']}",
                         headers=auth(tokens["org-a"]["clinician"])).get_json()
     assert created.get_json() == stored
+
+
+def test_an_order_needs_a_payer_we_can_reach_a_preview_only_its_policies(client, tokens):
+    """Medicare's policy lists ship without a payer endpoint: a preview answers, an order
+    is refused at coverage.payer_id instead of waiting forever for an unreachable payer."""
+    body = order_body()
+    body["coverage"]["payer_id"] = "medicare"
+    order = post(client, tokens["org-a"]["clinician"], body)
+    assert order.status_code == 422
+    assert order.get_json()["errors"][0]["field"] == "coverage.payer_id"
+    preview = client.post("/v1/coverage-requirements", json=body,
+                          headers=auth(tokens["org-a"]["clinician"]))
+    assert preview.status_code == 200
+    assert preview.get_json()["ruleset_version"].startswith("medicare@")

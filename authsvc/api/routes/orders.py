@@ -64,7 +64,7 @@ def create_order() -> Response:
 @blp.route("", methods=["GET"])
 @blp.doc(**{"x-roles": list(ORDER_ROLES)}, parameters=[
     {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(ORDER_STATUSES)}},
-    {"name": "mrn", "in": "query", "schema": {"type": "string", "maxLength": 64}},
+    {"name": "mrn", "in": "query", "schema": {"type": "string", "minLength": 1, "maxLength": 64}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
 ], responses={"200": {"description": "A page of orders, newest first"}})
@@ -75,11 +75,15 @@ def list_orders() -> Response:
     if status is not None and status not in ORDER_STATUSES:
         raise ApiProblem(422, "Unknown status.", errors=[{
             "field": "status", "code": "invalid_choice", "message": "not an order status"}])
+    mrn = request.args.get("mrn")
+    if mrn is not None and not (1 <= len(mrn) <= 64):
+        raise ApiProblem(422, "mrn must be 1-64 characters.", errors=[{
+            "field": "mrn", "code": "out_of_range", "message": "1 to 64 characters"}])
     limit = limit_arg()
     try:
         with _services().engine.connect() as conn:
             page = views.order_list(conn, g.actor.org_id, status=status,
-                                    mrn=request.args.get("mrn"),
+                                    mrn=mrn,
                                     cursor=request.args.get("cursor"), limit=limit)
     except views.BadCursor:
         raise ApiProblem(400, "The cursor is not readable.") from None
