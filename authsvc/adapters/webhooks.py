@@ -22,10 +22,12 @@ class WebhookVerificationError(Exception):
 
 
 def secret_bytes(secret: str) -> bytes:
-    """Secrets are `whsec_<base64>` as in the spec; other strings are used as raw bytes."""
+    """Secrets are `whsec_<base64>` as in the spec (padding optional); other strings are used
+    as their UTF-8 bytes. The one key derivation for signing and verifying, ours and payers'."""
     if secret.startswith("whsec_"):
+        raw = secret[6:]
         try:
-            return base64.b64decode(secret[6:], validate=True)
+            return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError("malformed whsec_ secret") from exc
     return secret.encode()

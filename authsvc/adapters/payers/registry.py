@@ -9,8 +9,6 @@ another port; the shipped file says
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import os
 import re
@@ -100,13 +98,12 @@ def webhook_key_from_secret(secret: str) -> bytes:
     result to `standardwebhooks.Webhook(key_bytes)`: `Webhook(str)` would base64-decode a plain
     secret such as the dev default and silently get a different key.
     """
-    if secret.startswith("whsec_"):
-        raw = secret[len("whsec_"):]
-        try:
-            return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise PayerConfigError("a whsec_ secret must be base64") from exc
-    return secret.encode("utf-8")
+    from authsvc.adapters.webhooks import secret_bytes
+
+    try:
+        return secret_bytes(secret)
+    except ValueError as exc:
+        raise PayerConfigError("a whsec_ secret must be base64") from exc
 
 
 def expand_env(value: str, env: Mapping[str, str] | None = None) -> str:
