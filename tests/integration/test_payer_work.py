@@ -176,3 +176,21 @@ def test_overdue_case_raises_needs_attention_with_the_injected_clock(
         assert late["attention_reason"] == "overdue" and late["state"] == "pended"
     finally:
         clock.install(previous)
+
+
+def test_429_is_retried_no_sooner_than_retry_after(services, client, tokens, sim_factory):
+    """F11: the payer's Retry-After (30 s from the simulator) wins over a shorter backoff."""
+    sim = sim_factory(AUTHSVC_SIM_FAULT="429")
+    svc = with_sim(services, sim, retry_base_seconds=0.1, retry_cap_seconds=0.2)
+    case_id = new_case(svc, client, tokens, f"SIM-APPROVE-{uuid.uuid4().hex[:6]}")
+    before = clock.now()
+    payer_work.submit_case(svc, case_id)
+    with svc.engine.connect() as conn:
+        case = repo.case_row(conn, case_id)
+        exchanges = repo.exchanges_of_case(conn, case_id)
+    assert case["state"] == "submitting" and not case["submission_unknown"]
+    assert [x["http_status"] for x in exchanges] == [429]
+    assert case["next_attempt_at"] >= before + dt.timedelta(seconds=30)
+    payer_work.submit_case(svc, case_id)  # too early: nothing is sent
+    with svc.engine.connect() as conn:
+        assert len(repo.exchanges_of_case(conn, case_id)) == 1
