@@ -98,12 +98,18 @@ def _attachments(conn: sa.Connection, case_id: str, unsent_only: bool) -> tuple[
     return tuple(out)
 
 
-def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | None = None,
-                with_lines: bool = True, unsent_attachments_only: bool = False) -> ClaimRequest:
-    order = repo.order_row(conn, case["order_id"])
+def _order_and_patient(conn: sa.Connection, order_id: str) -> tuple[dict, dict]:
+    """The order and its patient, which every payer request is built from."""
+    order = repo.order_row(conn, order_id)
     assert order is not None
     patient = repo.patient_row(conn, order["patient_id"])
     assert patient is not None
+    return order, patient
+
+
+def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | None = None,
+                with_lines: bool = True, unsent_attachments_only: bool = False) -> ClaimRequest:
+    order, patient = _order_and_patient(conn, case["order_id"])
     requester, performer = _parties(order)
     lines = tuple(
         ClaimLine(sequence=line["sequence"], code_system=line["code_system"], code=line["code"],
@@ -134,10 +140,7 @@ def run_eligibility(services: Services, check_id: str) -> None:
             return
         check = repo.eligibility_row(conn, check_id)
         assert check is not None
-        order = repo.order_row(conn, check["order_id"])
-        assert order is not None
-        patient = repo.patient_row(conn, order["patient_id"])
-        assert patient is not None
+        order, patient = _order_and_patient(conn, check["order_id"])
         requester, _ = _parties(order)
         request = EligibilityRequest(
             request_id=check_id, patient=_patient_info(patient), coverage=_coverage(order),
