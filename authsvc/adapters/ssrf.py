@@ -6,17 +6,22 @@ names or CIDR ranges, optionally with `:port`). The check runs at registration a
 send time; the request then goes to the very address that was checked (the IP is pinned, so
 a DNS rebind between check and connect cannot redirect it), and redirects are never
 followed (http.client does not follow them).
+
+Names are resolved in one place, `resolve_names`, whose implementation `use_resolver` can
+swap: tests point it at a fake resolver (e.g. `rebind.test` → 127.0.0.1, or an answer that
+changes between two look-ups) instead of editing /etc/hosts. IP literals never reach it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import ipaddress
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -91,14 +96,45 @@ def _is_public(ip: IPAddress) -> bool:
                 or ip.is_reserved or ip.is_unspecified or not ip.is_global)
 
 
-def _resolve(host: str, port: int) -> list[IPAddress]:
+Resolver = Callable[[str, int], Iterable[str]]
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The operating system's answers (getaddrinfo: /etc/hosts, then DNS)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+_resolver: Resolver = system_resolver
+
+
+@contextlib.contextmanager
+def use_resolver(resolver: Resolver) -> Iterator[None]:
+    """Resolve host names with `resolver` inside the block (tests: a fake DNS)."""
+    global _resolver
+    previous, _resolver = _resolver, resolver
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        yield
+    finally:
+        _resolver = previous
+
+
+def resolve_names(host: str, port: int) -> list[IPAddress]:
+    """Every address `host` stands for; an IP literal is its own answer (no look-up)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        answers = list(_resolver(host, port))
     except (OSError, UnicodeError) as exc:
         raise Refused("the host does not resolve") from exc
     addrs: list[IPAddress] = []
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+    for answer in answers:
+        try:
+            addr = ipaddress.ip_address(str(answer).split("%", 1)[0])
+        except ValueError as exc:
+            raise Refused("the host does not resolve to an IP address") from exc
         if addr not in addrs:
             addrs.append(addr)
     if not addrs:
@@ -125,7 +161,7 @@ def check_url(url: str, allowlist: Iterable[str]) -> Target:
         raise Refused("the URL has no host")
     port = port or (443 if scheme == "https" else 80)
     rules = parse_allowlist(allowlist)
-    addrs = _resolve(host, port)
+    addrs = resolve_names(host, port)  # once: the connection goes to addrs[0]
     for addr in addrs:
         if not _is_public(addr) and not any(r.matches(host, addr, port) for r in rules):
             raise Refused("the URL resolves to a loopback, private or reserved address")
