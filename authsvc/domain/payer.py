@@ -81,6 +81,7 @@ class ClaimRequest:
     related_claim_identifier: str | None = None
     level_of_care: str | None = None
     created_at: dt.datetime | None = None
+    note: str | None = None  # free text for the payer's reviewer (an appeal's reason)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,16 @@ behaviour from the member id's prefix (api.md › Payer simulator). Endpoints, u
   as a notification Bundle signed with Standard Webhooks headers (key: see
   `registry.webhook_key_from_secret`).
 - `GET /sim/submissions?member_id=&claim_id=&kind=` → the ledger; `GET /healthz`.
+- `GET /sim/notifications?claim_id=` → every notification attempt with the receiver's HTTP
+  status; `GET`/`POST /sim/clock` (`{"offset_seconds": N}`) reads / skews the payer's clock
+  (reliability.md F16; also `AUTHSVC_SIM_CLOCK_OFFSET_SECONDS` at start).
+
+Beyond api.md's table: `SIM-OVERTURN` denies like `SIM-DENY` but certifies an appeal (UM02
+1/2, Claim.related → the denied request), while `SIM-DENY` upholds its denial on appeal;
+`SIM-CONTACT` answers `CT` (contact payer, reason `0V`, a note with the number to call);
+`SIM-NORESUBMIT` rejects with AAA `41`, follow-up `N`. A resubmission (a new Claim whose
+Claim.related names a request rejected with AAA 15) is certified once it carries a document.
+An update of a denied request is refused (HTTP 422, OperationOutcome `business-rule`).
 
 Settings come from the `settings` mapping, else the environment, at start:
 `AUTHSVC_SIM_PEND_SECONDS` (5), `AUTHSVC_SIM_LATENCY_MS` (0), `AUTHSVC_SIM_FAULT`
@@ -60,7 +70,15 @@ log = logging.getLogger(__name__)
 FAULT_MODES = ("500", "502", "503", "504", "429", "hang", "slowdrip", "html", "truncated",
                "huge", "redirect")
 PREFIXES = ("SIM-APPROVE", "SIM-PEND", "SIM-SILENT", "SIM-INFO", "SIM-DENY", "SIM-PARTIAL",
-            "SIM-MODIFY", "SIM-INACTIVE", "SIM-NOTFOUND", "SIM-FLAKY", "SIM-REJECT", "SIM-SLOW")
+            "SIM-MODIFY", "SIM-INACTIVE", "SIM-NOTFOUND", "SIM-FLAKY", "SIM-REJECT", "SIM-SLOW",
+            "SIM-OVERTURN", "SIM-CONTACT", "SIM-NORESUBMIT")
+#: UM02 certification types of an appeal (1 immediate, 2 standard).
+APPEAL_CERTIFICATIONS = frozenset({"1", "2"})
+CONTACT = ("0V", "Requires Medical Review")
+CONTACT_NOTE = ("Contact the plan's utilization management line at 1-800-555-0199 for a "
+                "peer-to-peer review before a decision can be made.")
+APPEAL_UPHELD_NOTE = ("Appeal reviewed: the original determination is upheld; the "
+                      "documentation does not establish medical necessity.")
 INFO_LOINC = ("18748-4", "Diagnostic imaging study")
 DENIAL = ("0F", "Not Medically Necessary")
 DENIAL_NOTE = ("Not Medically Necessary: the documentation submitted does not establish "
@@ -68,7 +86,7 @@ DENIAL_NOTE = ("Not Medically Necessary: the documentation submitted does not es
 FLAKY_FAILURES = 2
 HUGE_BYTES = 50 * 1024 * 1024
 ACTION_DISPLAY = {"A1": "Certified in total", "A3": "Not Certified", "A4": "Pending",
-                  "A6": "Modified", "C": "Cancelled"}
+                  "A6": "Modified", "C": "Cancelled", "CT": "Contact Payer"}
 
 
 # ---------------------------------------------------------------- settings
@@ -88,6 +106,7 @@ class SimSettings:
     fault: Fault | None = None
     slow_seconds: float = 10.0
     secret: str = DEMO_DEV_SECRET
+    clock_offset_seconds: float = 0.0  # the payer's clock is this far ahead (F16)
 
 
 def parse_fault(value: str | None) -> Fault | None:
@@ -124,14 +143,23 @@ def load_settings(settings: Mapping[str, Any] | None = None,
         fault=fault if isinstance(fault, Fault) else parse_fault(fault),
         slow_seconds=float(get("AUTHSVC_SIM_SLOW_SECONDS", "slow_seconds") or 10),
         secret=str(get("AUTHSVC_PAYER_DEMO_SECRET", "secret") or DEMO_DEV_SECRET),
+        clock_offset_seconds=float(get("AUTHSVC_SIM_CLOCK_OFFSET_SECONDS",
+                                       "clock_offset_seconds") or 0),
     )
 
 
 # ---------------------------------------------------------------- state
 
 
+#: How far the payer's clock is off ours, in seconds (reliability.md F16). It shifts every
+#: time the payer states (ClaimResponse.created, meta.lastUpdated, Bundle timestamps,
+#: preAuthIssueDate, the `webhook-timestamp` of notifications). The simulator's clock is one
+#: per process: set at start and by `POST /sim/clock`.
+_CLOCK_OFFSET = [0.0]
+
+
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_CLOCK_OFFSET[0])
 
 
 def _instant(value: dt.datetime | None = None) -> str:
@@ -203,6 +231,7 @@ class Parsed:
     changed_lines: set[int]
     has_attachment: bool
     context: dict[str, Any]
+    appeal: bool = False  # item certificationType 1 or 2 (UM02 appeal)
 
 
 class SimState:
@@ -217,6 +246,9 @@ class SimState:
         self.replays: dict[str, bytes] = {}  # update/cancel Bundle key → first answer
         self.flaky: dict[str, int] = {}
         self.ledger: list[dict[str, Any]] = []
+        self.notifications: list[dict[str, Any]] = []
+        #: rejected Claim.identifier → (AAA 901 code, follow-up 889)
+        self.rejected: dict[str, tuple[str, str]] = {}
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.timers: list[threading.Timer] = []
         self._seq = itertools.count(1)
@@ -230,6 +262,13 @@ class SimState:
                 "member_id": member_id, "claim_id": claim_id, "accepted": accepted,
                 "http_status": http_status,
             })
+
+    def record_notification(self, webhook_id: str, claim_id: str | None, timestamp: int,
+                            http_status: int | None) -> None:
+        with self.lock:
+            self.notifications.append({
+                "webhook_id": webhook_id, "claim_id": claim_id, "sent_at": _instant(),
+                "webhook_timestamp": timestamp, "http_status": http_status})
 
     def find(self, identifier: str | None) -> SimClaim | None:
         if not identifier:
@@ -423,7 +462,8 @@ def parse_pas_request(bundle: dict[str, Any], raw: bytes, inquiry: bool = False)
         "requestor": _resolve_entry(index, claim.get("provider")),
     }
     return Parsed(f"{kind}:{bundle_key}", identifier, system, member_id, kind, related, lines,
-                  cancelled, changed, has_attachment, context)
+                  cancelled, changed, has_attachment, context,
+                  appeal=bool(item_certs & APPEAL_CERTIFICATIONS))
 
 
 # ---------------------------------------------------------------- deciding
@@ -455,8 +495,11 @@ def decide(scenario: str, identifier: str, lines: list[Line]) -> dict[int, Decis
     ordered = sorted(lines, key=lambda ln: ln.sequence)
     out: dict[int, Decision] = {}
     for index, line in enumerate(ordered):
-        if scenario == "SIM-DENY" or (scenario == "SIM-PARTIAL" and index > 0):
+        if scenario in ("SIM-DENY", "SIM-OVERTURN") or (scenario == "SIM-PARTIAL"
+                                                         and index > 0):
             out[line.sequence] = _denial()
+        elif scenario == "SIM-CONTACT":
+            out[line.sequence] = Decision("CT", reason=CONTACT, note=CONTACT_NOTE)
         elif scenario in ("SIM-PEND", "SIM-SILENT"):
             out[line.sequence] = _pended(identifier, line)
         elif scenario == "SIM-INFO":
@@ -628,11 +671,23 @@ def _info_task(claim: SimClaim, refs: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
+FOLLOWUP_DISPLAY = {"C": "Please Correct and Resubmit", "N": "Resubmission Not Allowed"}
+
+
+def decide_appeal(scenario: str, identifier: str, lines: list[Line]) -> dict[int, Decision]:
+    """An appeal of lines the payer denied or modified: `SIM-DENY` upholds the denial, every
+    other scenario (`SIM-OVERTURN`, `SIM-PARTIAL`, `SIM-MODIFY`, …) overturns it and
+    certifies the requested quantity."""
+    if scenario == "SIM-DENY":
+        return {ln.sequence: Decision("A3", reason=DENIAL, note=APPEAL_UPHELD_NOTE)
+                for ln in lines}
+    return {ln.sequence: _approval(identifier, ln) for ln in lines}
+
+
 def _error(code: str, display: str, followup: str = "C") -> dict[str, Any]:
     return {
         "extension": [{"url": pas.EXT_ERROR_FOLLOWUP, "valueCodeableConcept": _cc(
-            pas.X12_FOLLOWUP, followup, "Please Correct and Resubmit" if followup == "C"
-            else None)}],
+            pas.X12_FOLLOWUP, followup, FOLLOWUP_DISPLAY.get(followup))}],
         "code": _cc(pas.X12_REJECT_REASON, code, display),
     }
 
@@ -704,13 +759,15 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return hook.sign(msg_id, dt.datetime.fromtimestamp(timestamp, dt.UTC), body.decode("utf-8"))
 
 
-def _deliver(state: SimState, endpoint: str, body: bytes) -> None:
-    """POST one signed notification, retrying a little; its webhook-id never changes."""
+def _deliver(state: SimState, endpoint: str, body: bytes, claim_id: str | None = None) -> None:
+    """POST one signed notification, retrying a little; its webhook-id never changes. Each
+    attempt is listed by `GET /sim/notifications` with the receiver's HTTP status."""
     msg_id = f"msg_{uuid.uuid4().hex}"
     for attempt in range(3):
         if state.stop.is_set():
             return
-        timestamp = int(time.time())
+        timestamp = int(_now().timestamp())
+        status: int | None = None
         headers = {
             "Content-Type": pas.FHIR_JSON,
             "webhook-id": msg_id,
@@ -720,11 +777,15 @@ def _deliver(state: SimState, endpoint: str, body: bytes) -> None:
         try:
             with requests.post(endpoint, data=body, headers=headers, timeout=(3, 10),
                                allow_redirects=False) as resp:
+                status = resp.status_code
+                state.record_notification(msg_id, claim_id, timestamp, status)
                 if 200 <= resp.status_code < 300:
                     log.info("notification delivered (%s)", resp.status_code)
                     return
                 log.warning("notification refused (%s)", resp.status_code)
         except requests.RequestException as exc:
+            if status is None:
+                state.record_notification(msg_id, claim_id, timestamp, None)
             log.warning("notification failed (%s)", type(exc).__name__)
         if state.stop.wait(0.5 * 4 ** attempt):
             return
@@ -747,7 +808,7 @@ def _notify(state: SimState, claim: SimClaim) -> None:
                 body = _dumps(notification_bundle(sub, sub["events"], response))
                 deliveries.append((sub["endpoint"], body))
         for endpoint, body in deliveries:
-            _deliver(state, endpoint, body)
+            _deliver(state, endpoint, body, claim.identifier)
     except Exception as exc:  # a timer thread must never die loudly
         log.error("notification thread failed (%s)", type(exc).__name__)
 
@@ -822,6 +883,7 @@ def _fault_response(state: SimState, fault: Fault) -> Response:
 def create_sim_app(settings: Mapping[str, Any] | None = None) -> Flask:
     """The simulator as a Flask app; its state lives in `app.extensions["payer_sim"]`."""
     state = SimState(load_settings(settings))
+    _CLOCK_OFFSET[0] = state.settings.clock_offset_seconds
     app = Flask("authsvc.payer_sim")
     app.config["MAX_CONTENT_LENGTH"] = 32 * 1024 * 1024
     app.extensions["payer_sim"] = state
@@ -865,6 +927,30 @@ def create_sim_app(settings: Mapping[str, Any] | None = None) -> Flask:
             items = [dict(e) for e in state.ledger
                      if all(v is None or e.get(k) == v for k, v in filters.items())]
         return Response(json.dumps({"items": items}), mimetype="application/json")
+
+    @app.get("/sim/notifications")
+    def notifications() -> Response:
+        claim_id = request.args.get("claim_id")
+        with state.lock:
+            items = [dict(n) for n in state.notifications
+                     if claim_id is None or n["claim_id"] == claim_id]
+        return Response(json.dumps({"items": items}), mimetype="application/json")
+
+    @app.get("/sim/clock")
+    def clock_get() -> Response:
+        return Response(json.dumps({"now": _instant(), "offset_seconds": _CLOCK_OFFSET[0]}),
+                        mimetype="application/json")
+
+    @app.post("/sim/clock")
+    def clock_set() -> Response:
+        """Skew the payer's clock (F16): `{"offset_seconds": 360}` puts it 6 minutes ahead."""
+        doc = request.get_json(silent=True)
+        offset = doc.get("offset_seconds") if isinstance(doc, dict) else None
+        if isinstance(offset, bool) or not isinstance(offset, int | float) \
+                or abs(offset) > 366 * 86400:
+            return _fhir(operation_outcome("invalid", "offset_seconds must be a number."), 400)
+        _CLOCK_OFFSET[0] = float(offset)
+        return clock_get()
 
     @app.post("/fhir/CoverageEligibilityRequest/$submit")
     def eligibility() -> Response:
@@ -980,23 +1066,51 @@ def _submit(state: SimState, parsed: Parsed) -> Answer:
             if count < FLAKY_FAILURES:
                 state.flaky[identifier] = count + 1
                 return 503, "Service Unavailable\n", False, {"Retry-After": "1"}
-        if scenario in ("SIM-REJECT", "SIM-NOTFOUND"):
-            errors = [_error("15", "Required application data missing")] \
-                if scenario == "SIM-REJECT" else [_error("75", "Subscriber/Insured Not Found")]
+        decisions = None
+        error: tuple[str, str, str] | None = None
+        if parsed.appeal:
+            # An appeal is a new request (its own Claim.identifier) whose Claim.related names
+            # the request it appeals; the payer must know that request.
+            if state.find(parsed.related) is None:
+                error = ("AA", "Authorization/Access Number Not Found", "C")
+            else:
+                decisions = decide_appeal(scenario, identifier, parsed.lines)
+        elif parsed.related is not None and parsed.related in state.rejected:
+            # A resubmission of a request this payer rejected. Not allowed after follow-up
+            # N/S/Y; after AAA 15 it must now carry the documentation that was missing;
+            # otherwise (e.g. a corrected member id) it is decided like a first request.
+            code, followup = state.rejected[parsed.related]
+            if followup in ("N", "S", "Y"):
+                error = ("41", "Authorization/Access Restrictions", followup)
+            elif code == "15":
+                decisions = decide("SIM-APPROVE", identifier, parsed.lines) \
+                    if parsed.has_attachment else None
+                error = None if decisions else ("15", "Required application data missing", "C")
+            elif scenario in ("SIM-REJECT", "SIM-NORESUBMIT", "SIM-NOTFOUND"):
+                error = (code, "Rejected again", followup)
+        elif scenario == "SIM-REJECT":
+            error = ("15", "Required application data missing", "C")
+        elif scenario == "SIM-NORESUBMIT":
+            error = ("41", "Authorization/Access Restrictions", "N")
+        elif scenario == "SIM-NOTFOUND":
+            error = ("75", "Subscriber/Insured Not Found", "C")
+        if error is not None:
+            state.rejected[identifier] = (error[0], error[2])
             doc = response_bundle(None, identifier, parsed.claim_system, context=parsed.context,
-                                  outcome="error", errors=errors)
+                                  outcome="error", errors=[_error(*error)])
             return 200, doc, False, None
         claim = SimClaim(
             identifier=identifier, system=parsed.claim_system, member_id=parsed.member_id,
             scenario=scenario, lines={ln.sequence: ln for ln in parsed.lines},
-            decisions=decide(scenario, identifier, parsed.lines), context=parsed.context,
+            decisions=decisions or decide(scenario, identifier, parsed.lines),
+            context=parsed.context,
             response_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"demo-payer:cr:{identifier}")),
-            info_pending=scenario == "SIM-INFO",
+            info_pending=scenario == "SIM-INFO" and decisions is None,
         )
         claim.first_response = _dumps(response_bundle(claim, identifier, parsed.claim_system,
                                                       context=claim.context))
         state.claims[identifier] = claim
-        if scenario == "SIM-PEND":
+        if scenario == "SIM-PEND" and decisions is None:
             claim.pend_until = time.monotonic() + state.settings.pend_seconds
             timer = threading.Timer(state.settings.pend_seconds, _notify, args=(state, claim))
             timer.daemon = True
@@ -1019,6 +1133,11 @@ def _update(state: SimState, parsed: Parsed) -> Answer:
             return 404, operation_outcome("not-found", "The related claim is unknown."), \
                 False, None
         _refresh(claim)
+        if claim.decisions and all(d.action == "A3" for d in claim.decisions.values()):
+            # PAS: a denied request cannot be updated; a new request (an appeal) is needed.
+            return 422, operation_outcome(
+                "business-rule", "A denied request cannot be updated; submit a new request."), \
+                False, None
         for line in parsed.lines:
             claim.lines[line.sequence] = line
             if line.sequence in parsed.cancelled_lines:

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 CERTIFICATION_BY_KIND = {"initial": "I", "extension": "4", "appeal_standard": "2",
                          "appeal_immediate": "1", "resubmission": "I"}
+#: New requests that follow an earlier one and carry its documents along: a resubmission
+#: (the payer rejected the first for missing data, attached to it since) and an appeal.
+CARRIES_RELATED_DOCUMENTS = frozenset({"resubmission", "appeal_standard", "appeal_immediate"})
+APPEALS = frozenset({"appeal_standard", "appeal_immediate"})
 
 
 def _lease(services: Services) -> dt.timedelta:
@@ -80,12 +84,14 @@ def _parties(order: dict) -> tuple[Party, Party | None]:
     return requester, performer
 
 
-def _attachments(conn: sa.Connection, case_id: str, unsent_only: bool) -> tuple[Attachment, ...]:
-    """Documents attached to the case, read from the database or the attachments folder."""
+def _attachments(conn: sa.Connection, case_ids: str | list[str],
+                 unsent_only: bool) -> tuple[Attachment, ...]:
+    """Documents attached to the case(s), read from the database or the attachments folder."""
     from pathlib import Path
 
     a = t.attachments
-    q = sa.select(a).where(a.c.case_id == case_id).order_by(a.c.created_at, a.c.id)
+    wanted = [case_ids] if isinstance(case_ids, str) else case_ids
+    q = sa.select(a).where(a.c.case_id.in_(wanted)).order_by(a.c.created_at, a.c.id)
     if unsent_only:
         q = q.where(a.c.sent_at.is_(None))
     out = []
@@ -117,15 +123,21 @@ def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | No
                   service_end=line["service_end"])
         for line in repo.case_lines(conn, case["id"])
     ) if with_lines else ()
+    documents_of = [case["id"]]
+    if case["kind"] in CARRIES_RELATED_DOCUMENTS and case["related_case_id"] \
+            and not unsent_attachments_only:
+        documents_of.append(case["related_case_id"])
     return ClaimRequest(
         claim_identifier=case["id"],
         certification_type=certification_type or case["certification_type"],
         urgency=case["urgency"], patient=_patient_info(patient), coverage=_coverage(order),
         requester=requester, performer=performer, diagnoses=tuple(order["diagnoses"]),
         place_of_service=order["place_of_service"], lines=lines,
-        attachments=_attachments(conn, case["id"], unsent_attachments_only) if with_lines else (),
+        attachments=_attachments(conn, documents_of, unsent_attachments_only)
+        if with_lines else (),
         related_claim_identifier=case["related_case_id"], created_at=case["created_at"],
         level_of_care=case["level_of_care"],
+        note=case["reason"] if case["kind"] in APPEALS else None,
     )
 
 
@@ -388,10 +400,14 @@ def apply_answer(services: Services, conn: sa.Connection, case: dict, answer: Pa
     else:
         values.update(_poll_fields(services, {**case, "poll_attempts": 0}, now))
     repo.update_case(conn, case["id"], **values)
+    detail: dict = {"source": source, "review_actions":
+                    {str(line["sequence"]): line["review_action"] for line in lines}}
+    if new_state == cs.CONTACT_PAYER:  # what the payer wants discussed on the phone
+        detail["payer_reasons"] = {
+            str(line["sequence"]): {"code": line["denial_code"], "text": line["denial_text"]}
+            for line in lines if line["review_action"] == "CT"}
     timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
-                      at=now, event=f"case_{new_state}", actor="payer",
-                      detail={"source": source, "review_actions":
-                              {str(line["sequence"]): line["review_action"] for line in lines}})
+                    at=now, event=f"case_{new_state}", actor="payer", detail=detail)
     if cs.is_final(new_state):
         order = repo.order_row(conn, case["order_id"])
         assert order is not None

@@ -194,3 +194,184 @@ def test_429_is_retried_no_sooner_than_retry_after(services, client, tokens, sim
     payer_work.submit_case(svc, case_id)  # too early: nothing is sent
     with svc.engine.connect() as conn:
         assert len(repo.exchanges_of_case(conn, case_id)) == 1
+
+
+# ------------------------------------------------------------------ appeals, resubmission,
+# contact_payer: linked cases and phone decisions through the simulator (issue 5)
+
+
+def coordinator_post(client, tokens, path: str, body: dict | None = None):  # type: ignore[no-untyped-def]
+    headers = auth(tokens["org-a"]["coordinator"])
+    if body is None:
+        return client.post(path, headers=headers)
+    return client.post(path, json=body, headers=headers)
+
+
+def attach(client, tokens, case_id: str, data: bytes = b"%PDF-1.7\n%%EOF\n"):  # type: ignore[no-untyped-def]
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="note.pdf"\r\nContent-Type: application/pdf\r\n\r\n').encode() \
+        + data + f"\r\n--{boundary}--\r\n".encode()
+    return client.post(f"/v1/cases/{case_id}/attachments", data=body,
+                       content_type=f"multipart/form-data; boundary={boundary}",
+                       headers=auth(tokens["org-a"]["coordinator"]))
+
+
+def ledger(sim: SimServer, **query: str) -> list[dict]:
+    qs = "&".join(f"{k}={v}" for k, v in query.items())
+    with urllib.request.urlopen(f"{sim.url}/sim/submissions?{qs}") as resp:
+        return json.load(resp)["items"]
+
+
+def sent_claim(svc, case_id: str) -> dict:  # type: ignore[no-untyped-def]
+    """The Claim of the PAS Bundle the worker sends for this case."""
+    from authsvc.adapters.payers import pas_fhir
+
+    with svc.engine.connect() as conn:
+        claim = payer_work.build_claim(conn, repo.case_row(conn, case_id))
+    bundle = pas_fhir.build_claim_bundle(claim, svc.payers["demo"])
+    return bundle["entry"][0]["resource"]
+
+
+def test_appeal_is_resubmitted_referencing_the_denial_and_overturned(
+        services, client, tokens, sim_factory):
+    sim = sim_factory()
+    svc = with_sim(services, sim)
+    member = f"SIM-OVERTURN-{uuid.uuid4().hex[:6]}"
+    denied_id = new_case(svc, client, tokens, member)
+    denied = drive(svc, denied_id)
+    assert denied["state"] == "denied" and denied["attention_reason"] == "denied_review"
+    resp = coordinator_post(client, tokens, f"/v1/cases/{denied_id}/appeal",
+                            {"kind": "standard", "reason": "New imaging shows progression."})
+    assert resp.status_code == 201, resp.get_json()
+    appeal_id = resp.get_json()["id"]
+    claim = sent_claim(svc, appeal_id)
+    assert claim["identifier"][0]["value"] == appeal_id
+    assert claim["related"][0]["claim"]["identifier"]["value"] == denied_id
+    certs = {e["valueCodeableConcept"]["coding"][0]["code"] for item in claim["item"]
+             for e in item["extension"] if e["url"].endswith("certificationType")}
+    assert certs == {"2"}
+    assert "New imaging shows progression." in [
+        s.get("valueString") for s in claim.get("supportingInfo", [])]
+
+    appeal = drive(svc, appeal_id)
+    assert appeal["state"] == "approved" and appeal["payer_received_at"] is not None
+    with svc.engine.connect() as conn:
+        original = repo.case_row(conn, denied_id)
+        order = repo.order_row(conn, appeal["order_id"])
+        feed = repo.outcomes_of_order(conn, appeal["order_id"])
+    assert original["state"] == "superseded" and original["attention_reason"] is None
+    assert order["status"] == "approved"
+    assert [(o["outcome"], o["version"], o["case_id"]) for o in feed] == [
+        ("denied", 1, denied_id), ("approved", 2, appeal_id)]
+    assert feed[1]["auth_number"]
+    submits = [(x["claim_id"], x["accepted"]) for x in ledger(sim, member_id=member)
+               if x["kind"] == "submit"]
+    assert submits == [(denied_id, True), (appeal_id, True)]
+
+
+def test_upheld_appeal_keeps_the_order_denied_and_versions_the_feed(
+        services, client, tokens, sim_factory):
+    sim = sim_factory()
+    svc = with_sim(services, sim)
+    denied_id = new_case(svc, client, tokens, f"SIM-DENY-{uuid.uuid4().hex[:6]}")
+    assert drive(svc, denied_id)["state"] == "denied"
+    # PAS: a denied request cannot be updated; the payer refuses it (only an appeal helps)
+    from authsvc.domain.payer import PayerRejected
+
+    with svc.engine.connect() as conn:
+        claim = payer_work.build_claim(conn, repo.case_row(conn, denied_id))
+    with pytest.raises(PayerRejected) as refused:
+        svc.adapter("demo", lambda record: None).update(claim)
+    assert refused.value.http_status == 422
+    resp = coordinator_post(client, tokens, f"/v1/cases/{denied_id}/appeal",
+                            {"kind": "immediate", "level_of_care": "inpatient"})
+    assert resp.status_code == 201, resp.get_json()
+    appeal = drive(svc, resp.get_json()["id"])
+    assert appeal["state"] == "denied" and appeal["attention_reason"] == "denied_review"
+    assert appeal["urgency"] == "expedited" and appeal["decision_due_at"] == \
+        appeal["payer_received_at"] + dt.timedelta(hours=72)
+    with svc.engine.connect() as conn:
+        assert repo.case_row(conn, denied_id)["state"] == "denied"
+        order = repo.order_row(conn, appeal["order_id"])
+        feed = repo.outcomes_of_order(conn, appeal["order_id"])
+    assert order["status"] == "denied"
+    assert [(o["outcome"], o["version"]) for o in feed] == [("denied", 1), ("denied", 2)]
+
+
+def test_rejected_request_is_fixed_with_a_document_and_resubmitted(
+        services, client, tokens, sim_factory):
+    sim = sim_factory()
+    svc = with_sim(services, sim)
+    member = f"SIM-REJECT-{uuid.uuid4().hex[:6]}"
+    first = new_case(svc, client, tokens, member)
+    rejected = drive(svc, first)
+    assert rejected["state"] == "rejected"
+    assert rejected["last_error"]["aaa_code"] == "15" and rejected["last_error"]["followup"] == "C"
+    # resubmitted as is: the payer still misses the data and rejects it again
+    resp = coordinator_post(client, tokens, f"/v1/cases/{first}/resubmit")
+    assert resp.status_code == 201, resp.get_json()
+    second = resp.get_json()["id"]
+    assert sent_claim(svc, second)["related"][0]["claim"]["identifier"]["value"] == first
+    assert drive(svc, second)["state"] == "rejected"
+    # the coordinator attaches the missing document, then resubmits: it travels along
+    assert attach(client, tokens, second).status_code == 201
+    resp = coordinator_post(client, tokens, f"/v1/cases/{second}/resubmit")
+    assert resp.status_code == 201, resp.get_json()
+    third = resp.get_json()["id"]
+    final = drive(svc, third)
+    assert final["state"] == "approved" and final["kind"] == "resubmission"
+    with svc.engine.connect() as conn:
+        states = {c["id"]: c["state"] for c in repo.cases_of_order(conn, final["order_id"])}
+        order = repo.order_row(conn, final["order_id"])
+        feed = repo.outcomes_of_order(conn, final["order_id"])
+    assert states == {first: "superseded", second: "superseded", third: "approved"}
+    assert order["status"] == "approved" and order["attention_reason"] is None
+    assert [(o["outcome"], o["version"], o["case_id"]) for o in feed] == [
+        ("approved", 1, third)]
+    accepted = [x["claim_id"] for x in ledger(sim, member_id=member)
+                if x["kind"] == "submit" and x["accepted"]]
+    assert accepted == [third]
+
+
+def test_resubmission_refused_when_the_payer_forbids_it(services, client, tokens, sim_factory):
+    sim = sim_factory()
+    svc = with_sim(services, sim)
+    case_id = new_case(svc, client, tokens, f"SIM-NORESUBMIT-{uuid.uuid4().hex[:6]}")
+    case = drive(svc, case_id)
+    assert case["state"] == "rejected" and case["last_error"]["followup"] == "N"
+    resp = coordinator_post(client, tokens, f"/v1/cases/{case_id}/resubmit")
+    assert resp.status_code == 409 and resp.get_json()["current_state"] == "rejected"
+
+
+def test_contact_payer_then_the_phone_decision_is_recorded(
+        services, client, tokens, sim_factory):
+    sim = sim_factory()
+    svc = with_sim(services, sim)
+    case_id = new_case(svc, client, tokens, f"SIM-CONTACT-{uuid.uuid4().hex[:6]}")
+    case = drive(svc, case_id)
+    assert case["state"] == "contact_payer" and case["attention_reason"] == "contact_payer"
+    assert case["decision_due_at"] == case["payer_received_at"] + dt.timedelta(hours=168)
+    view = client.get(f"/v1/cases/{case_id}",
+                      headers=auth(tokens["org-a"]["coordinator"])).get_json()
+    decision = view["lines"][0]["decision"]
+    assert decision["review_action"] == "CT" and decision["outcome"] == "contact_payer"
+    assert decision["denial_reason"]["code"] == "0V"
+    assert "1-800-555-0199" in decision["denial_reason"]["text"]
+    with svc.engine.connect() as conn:
+        order = repo.order_row(conn, case["order_id"])
+    assert order["status"] == "needs_attention"
+    resp = coordinator_post(client, tokens, f"/v1/cases/{case_id}/decision", {
+        "reference": "call 2026-11-27 J. Payer", "received_via": "phone",
+        "lines": [{"sequence": 1, "outcome": "approved", "auth_number": "PH-1234",
+                   "authorized_quantity": 1, "valid_from": "2026-12-01",
+                   "valid_to": "2026-12-31"}]})
+    assert resp.status_code == 200, resp.get_json()
+    with svc.engine.connect() as conn:
+        decided = repo.case_row(conn, case_id)
+        order = repo.order_row(conn, case["order_id"])
+        feed = repo.outcomes_of_order(conn, case["order_id"])
+    assert decided["state"] == "approved" and decided["attention_reason"] is None
+    assert order["status"] == "approved"
+    assert [(o["outcome"], o["auth_number"], o["version"]) for o in feed] == [
+        ("approved", "PH-1234", 1)]

@@ -211,6 +211,7 @@ def _fingerprint(kind: str, claim: ClaimRequest) -> str:
     return "|".join([
         kind, claim.claim_identifier, claim.certification_type, claim.urgency,
         claim.related_claim_identifier or "", lines, attachments, claim.level_of_care or "",
+        claim.note or "",
     ])
 
 
@@ -419,6 +420,12 @@ def build_claim_bundle(claim: ClaimRequest, config: PayerConfig, kind: str = "su
                 "sequence": len(supporting) + 1,
                 "category": _cc(PAS_TEMP_CODES, "freeFormMessage"),
                 "valueString": f"Level of care: {claim.level_of_care}",
+            })
+        if claim.note and kind == "submit":
+            supporting.append({
+                "sequence": len(supporting) + 1,
+                "category": _cc(PAS_TEMP_CODES, "freeFormMessage"),
+                "valueString": claim.note[:1000],
             })
     if supporting:
         resource["supportingInfo"] = supporting
