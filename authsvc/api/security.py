@@ -10,10 +10,20 @@ pool of `app.extensions["authsvc_redis"]`). They run after authentication (in
 `auth.requires`), so the keys are the token id and the organization, never a client-chosen
 value. When Redis is down the limits fail open: intake must keep answering (the outbox holds
 the work), and the database, not Redis, is the record.
+
+Member-id enumeration (S10, OWASP API6): one token may name at most
+`AUTHSVC_RATE_LIMIT_MEMBER_IDS` *distinct* member ids per window across `POST /v1/orders`
+and `POST /v1/orders/{id}/coverage` (each answer tells whether a member id is covered).
+Repeating a member id already seen is free. Redis holds keyed pseudonyms (HMAC) of the ids,
+never the ids. Going over it is an alert: a PHI-free WARNING log line naming the token id,
+`authsvc_security_alerts_total{kind="member_id_enumeration"}`, a `rate_limit_events` row
+and an audited 429.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -30,6 +40,8 @@ from authsvc.config import Settings
 log = logging.getLogger(__name__)
 # Alerting hook (S10): labels name the limit, never a token or an organization.
 RATE_LIMITED = Counter("authsvc_rate_limited", "Requests refused by a rate limit", ["scope"])
+SECURITY_ALERTS = Counter("authsvc_security_alerts", "Security alerts raised by the API",
+                          ["kind"])
 
 ID_RE = re.compile(r"[a-z]{2,8}_[0-9a-z]{4,40}")
 AUDITED_PREFIXES = ("/v1/", "/cds-services/")
@@ -57,7 +69,32 @@ LIMIT_ENV = {
     "org": ("AUTHSVC_RATE_LIMIT_ORG", "6000/minute"),
     "token_write": ("AUTHSVC_RATE_LIMIT_TOKEN_WRITE", "600/minute"),
     "auth_failures": ("AUTHSVC_RATE_LIMIT_AUTH_FAILURES", "120/minute"),
+    # distinct member ids per token; unset, it follows an explicit AUTHSVC_RATE_LIMIT_TOKEN_WRITE
+    # (benchmarks raise that one for bulk intake from one token)
+    "member_ids": ("AUTHSVC_RATE_LIMIT_MEMBER_IDS", "120/minute"),
 }
+# Where a request names a member id in its JSON body: route template → path in the body.
+MEMBER_ID_FIELDS = {"/v1/orders": ("coverage", "member_id"),
+                    "/v1/orders/<order_id>/coverage": ("member_id",)}
+# One atomic step per request: forget entries older than the window; a member id already in
+# the window only refreshes its time; a new one is refused (seconds to wait returned) when
+# the token already named `limit` distinct ids, else recorded.
+_DISTINCT_LUA = """
+local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local member = ARGV[4]
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+if redis.call('ZSCORE', key, member) then
+  redis.call('ZADD', key, now, member)
+  return 0
+end
+if redis.call('ZCARD', key) >= limit then
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return math.max(1, math.ceil(tonumber(oldest[2]) + window - now))
+end
+redis.call('ZADD', key, now, member)
+redis.call('PEXPIRE', key, math.ceil(window * 1000))
+return 0
+"""
 
 
 class UnsafeConfiguration(RuntimeError):
@@ -185,7 +222,8 @@ def _record_rate_limit(org_id: str | None, token_id: str | None) -> None:
 
 
 def enforce_rate_limits(org_id: str, token_id: str) -> None:
-    """Per token, per token for writes, and per organization; 429 + Retry-After when over."""
+    """Per token, per token for writes, and per organization; 429 + Retry-After when over.
+    Then, on the routes that name a member id, the distinct-member-id limit of the token."""
     checks = [("token", token_id), ("org", org_id)]
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         checks.append(("token_write", token_id))
@@ -193,6 +231,63 @@ def enforce_rate_limits(org_id: str, token_id: str) -> None:
         wait = _hit(scope, ident)
         if wait is not None:
             raise _refuse(scope, wait, org_id, token_id)
+    if request.method == "POST" and request.url_rule is not None and \
+            request.url_rule.rule in MEMBER_ID_FIELDS:
+        _check_member_ids(org_id, token_id, MEMBER_ID_FIELDS[request.url_rule.rule])
+
+
+def _member_id_in_body(path: tuple[str, ...]) -> str | None:
+    """The member id the body names, read as the route will read it; None when the body is
+    not usable (the route answers 400/413/415/422 itself)."""
+    from authsvc.api.jsonbody import parse_json_object
+    from authsvc.api.request_body import JSON_LIMIT
+
+    if request.mimetype != "application/json" or (request.content_length or 0) > JSON_LIMIT:
+        return None
+    try:
+        value: object = parse_json_object(request.get_data(cache=True))
+    except Exception:  # noqa: BLE001 - malformed input is the route's answer, not ours
+        return None
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def member_pseudonym(member_id: str) -> str:
+    """A keyed hash of a member id: what Redis holds instead of the id (no PHI in Redis)."""
+    services = current_app.extensions["authsvc"]
+    key = hmac.new(services.settings.provider_webhook_secret.encode(),
+                   b"authsvc/rate-limit/member-id/v1", hashlib.sha256).digest()
+    return hmac.new(key, member_id.strip().upper().encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _check_member_ids(org_id: str, token_id: str, path: tuple[str, ...]) -> None:
+    if _strategy() is None:
+        return
+    member_id = _member_id_in_body(path)
+    if member_id is None:
+        return
+    item = _limit("member_ids")
+    redis_client = current_app.extensions["authsvc_redis"]
+    try:
+        script = current_app.extensions.get("authsvc_distinct_script")
+        if script is None:
+            script = current_app.extensions["authsvc_distinct_script"] = \
+                redis_client.register_script(_DISTINCT_LUA)
+        wait = int(script(keys=[f"authsvc-rl:member_ids:{token_id}"], args=[
+            f"{time.time():.3f}", item.get_expiry(), item.amount,  # type: ignore[attr-defined]
+            member_pseudonym(member_id)]))
+    except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
+        log.warning("rate limit storage unavailable: %s", type(exc).__name__)
+        return
+    if wait <= 0:
+        return
+    SECURITY_ALERTS.labels("member_id_enumeration").inc()
+    log.warning("ALERT possible member-id enumeration: token %s of organization %s named "
+                "more than %s distinct member ids in %s s", token_id, org_id,
+                item.amount, item.get_expiry(),  # type: ignore[attr-defined]
+                extra={"event": "alert:member_id_enumeration", "status": 429})
+    raise _refuse("member_ids", wait, org_id, token_id)
 
 
 def check_auth_failures() -> None:
@@ -291,8 +386,9 @@ def _audit_request(resp: Response) -> None:
 def init_app(app: Flask, settings: Settings, services: object) -> None:
     """Self-check (production), limiter on Redis, and the request hooks."""
     for name, (env_name, default) in LIMIT_ENV.items():
+        if name == "member_ids":
+            default = os.environ.get(LIMIT_ENV["token_write"][0]) or default
         app.config.setdefault(env_name, os.environ.get(env_name) or default)
-        del name
     if settings.production:
         problems = production_problems(app, settings, services)
         if problems:
