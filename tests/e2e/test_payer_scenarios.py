@@ -181,6 +181,154 @@ def test_a_flushed_redis_delays_but_loses_nothing(system, coordinator, billing, 
         assert [o["outcome"] for o in outcomes_for(billing, order["id"])] == ["approved"]
 
 
+def case_view(http: Http, case_id: str) -> dict:
+    status, _, view = http.request("GET", f"/v1/cases/{case_id}")
+    assert status == 200, view
+    return view
+
+
+def case_settles(http: Http, case_id: str, state: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (lambda v: v if v["state"] == state else None)(
+        case_view(http, case_id)), timeout)
+
+
+def attach_pdf(system: System, token: str, case_id: str) -> int:
+    """POST a small PDF as multipart/form-data; returns the HTTP status."""
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="report.pdf"\r\nContent-Type: application/pdf\r\n\r\n').encode() \
+        + b"%PDF-1.7\nclinical notes\n%%EOF\n" + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(
+        f"{system.api}/v1/cases/{case_id}/attachments", data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}",
+                 "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_denial_appealed_and_overturned_by_the_payer(system, coordinator, billing):
+    member = unique_member("SIM-OVERTURN")
+    order = post_order(coordinator, order_body(member))
+    denied = settle(coordinator, order["id"], "denied")
+    denied_id = denied["cases"][0]["id"]
+    assert denied["needs_attention"]["reason"] == "denied_review"
+    status, _, refused = coordinator.request("POST", f"/v1/cases/{denied_id}/appeal",
+                                             {"kind": "immediate"})
+    assert status == 422  # an immediate appeal needs the level of care
+    status, _, appeal = coordinator.request("POST", f"/v1/cases/{denied_id}/appeal", {
+        "kind": "standard", "reason": "MRI shows progression since the first request"})
+    assert status == 201 and appeal["kind"] == "appeal_standard"
+    assert appeal["related_case_id"] == denied_id
+    view = case_settles(coordinator, appeal["id"], "approved")
+    assert view["payer_received_at"] and view["decision_due_at"]
+    assert view["lines"][0]["decision"]["auth_number"]
+    final = settle(coordinator, order["id"], "approved")
+    assert {c["id"]: c["state"] for c in final["cases"]} == {
+        denied_id: "superseded", appeal["id"]: "approved"}
+    assert final["needs_attention"] is None
+    feed = outcomes_for(billing, order["id"])
+    assert [(o["version"], o["outcome"], o["case_id"]) for o in feed] == [
+        (1, "denied", denied_id), (2, "approved", appeal["id"])]
+    assert feed[1]["auth_number"] and feed[0]["auth_number"] is None
+    # the payer saw two requests, each accepted once: the appeal is not a resend
+    assert [s["claim_id"] for s in accepted_submits(system, member)] == [denied_id,
+                                                                         appeal["id"]]
+    events = [e["event"] for e in final["timeline"]]
+    assert "case_appealed" in events and "case_superseded" in events
+
+
+def test_upheld_appeal_leaves_the_order_denied(system, coordinator, billing):
+    member = unique_member("SIM-DENY")
+    order = post_order(coordinator, order_body(member))
+    denied_id = settle(coordinator, order["id"], "denied")["cases"][0]["id"]
+    status, _, appeal = coordinator.request("POST", f"/v1/cases/{denied_id}/appeal", {
+        "kind": "immediate", "level_of_care": "inpatient", "reason": "worsening deficit"})
+    assert status == 201 and appeal["kind"] == "appeal_immediate"
+    view = case_settles(coordinator, appeal["id"], "denied")
+    assert view["needs_attention"]["reason"] == "denied_review"
+    assert view["urgency"] == "expedited"
+    assert view["lines"][0]["decision"]["denial_reason"]["code"] == "0F"
+    _, _, final = coordinator.request("GET", f"/v1/orders/{order['id']}")
+    assert final["status"] == "denied"
+    assert [(o["version"], o["outcome"]) for o in outcomes_for(billing, order["id"])] == [
+        (1, "denied"), (2, "denied")]
+    assert coordinator.request("POST", f"/v1/cases/{appeal['id']}/appeal",
+                               {"kind": "standard"})[0] == 201  # a second-level appeal
+
+
+def test_rejection_fixed_with_a_document_then_resubmitted(system, coordinator, billing):
+    member = unique_member("SIM-REJECT")
+    order = post_order(coordinator, order_body(member))
+    rejected = settle(coordinator, order["id"], "needs_attention")
+    first = rejected["cases"][0]["id"]
+    view = case_view(coordinator, first)
+    assert view["state"] == "rejected"
+    assert view["last_error"]["aaa_code"] == "15" and view["last_error"]["followup"] == "C"
+    assert attach_pdf(system, coordinator.token, first) == 201  # the missing data
+    status, _, again = coordinator.request("POST", f"/v1/cases/{first}/resubmit")
+    assert status == 201 and again["kind"] == "resubmission"
+    assert again["related_case_id"] == first
+    case_settles(coordinator, again["id"], "approved")
+    final = settle(coordinator, order["id"], "approved")
+    assert {c["id"]: c["state"] for c in final["cases"]} == {
+        first: "superseded", again["id"]: "approved"}
+    assert final["needs_attention"] is None
+    feed = outcomes_for(billing, order["id"])
+    assert [(o["version"], o["outcome"], o["case_id"]) for o in feed] == [
+        (1, "approved", again["id"])]
+    assert [s["claim_id"] for s in accepted_submits(system, member)] == [again["id"]]
+    assert [s["accepted"] for s in system.submissions(member) if s["kind"] == "submit"] == [
+        False, True]
+
+
+def test_resubmission_refused_when_the_payer_says_not_to(system, coordinator):
+    member = unique_member("SIM-NORESUBMIT")
+    order = post_order(coordinator, order_body(member))
+    case_id = settle(coordinator, order["id"], "needs_attention")["cases"][0]["id"]
+    assert case_view(coordinator, case_id)["last_error"]["followup"] == "N"
+    status, _, body = coordinator.request("POST", f"/v1/cases/{case_id}/resubmit")
+    assert status == 409 and body["current_state"] == "rejected"
+    assert accepted_submits(system, member) == []
+
+
+def test_contact_payer_then_the_phone_decision_reaches_the_feed(system, coordinator, billing):
+    member = unique_member("SIM-CONTACT")
+    order = post_order(coordinator, order_body(member))
+    waiting = settle(coordinator, order["id"], "needs_attention")
+    case_id = waiting["cases"][0]["id"]
+    assert waiting["needs_attention"]["reason"] == "contact_payer"
+    view = case_view(coordinator, case_id)
+    assert view["state"] == "contact_payer"
+    assert view["needs_attention"]["reason"] == "contact_payer"
+    decision = view["lines"][0]["decision"]
+    assert decision["review_action"] == "CT" and decision["outcome"] == "contact_payer"
+    assert decision["denial_reason"]["code"] == "0V"
+    assert "1-800-555-0199" in decision["denial_reason"]["text"]
+    status, _, page = coordinator.request("GET", "/v1/cases?needs_attention=true&limit=200")
+    assert case_id in [c["id"] for c in page["items"]]
+    assert outcomes_for(billing, order["id"]) == []
+    status, _, body = coordinator.request("POST", f"/v1/cases/{case_id}/decision", {
+        "reference": "UM line, ref 55-1234", "received_via": "phone",
+        "lines": [{"sequence": 1, "outcome": "approved", "auth_number": "PHONE-55-1234",
+                   "valid_from": "2026-12-01", "valid_to": "2026-12-31"}]})
+    assert status == 200, body
+    final = settle(coordinator, order["id"], "approved")
+    assert final["needs_attention"] is None
+    recorded = [e for e in final["timeline"] if e["event"] == "decision_recorded"]
+    assert recorded and recorded[0]["detail"]["received_via"] == "phone"
+    feed = outcomes_for(billing, order["id"])
+    assert [(o["version"], o["outcome"], o["auth_number"], o["authorized_quantity"])
+            for o in feed] == [(1, "approved", "PHONE-55-1234", 1)]
+    assert len(accepted_submits(system, member)) == 1
+
+
 def test_reconcile_finds_nothing_lost_or_duplicated(system, started_at):
     """Runs last in this module: after every scenario above, `authsvc reconcile` checks the
     database and the payer's ledger (reliability.md I2–I7) and finds no violation."""
