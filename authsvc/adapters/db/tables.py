@@ -1,7 +1,9 @@
 """The database schema (SQLAlchemy Core). Same tables on PostgreSQL and SQLite.
 
-PHI lives in `patients` and `orders` (names, birth date, member id) and in payer exchange
-bodies; every other table holds ids and codes only.
+PHI lives in `patients` and `orders` (names, birth date, member id), in payer exchange
+bodies and in `notifications.address` (the email address, phone number or webhook URL a
+notification goes to, fixed when it is planned); every other table holds ids and codes only
+(`notification_optouts` holds keyed hashes of addresses, never the addresses).
 """
 
 from __future__ import annotations
@@ -437,8 +439,22 @@ notifications = sa.Table(
     sa.Column("last_error", sa.String(300)),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("sent_at", UTCDateTime),
+    # where it goes, copied from the contact when planned (0005; NULL on older rows)
+    sa.Column("address", sa.String(2000)),
     sa.UniqueConstraint("order_id", "event", "version", "recipient", "channel"),
     sa.Index("ix_notifications_due", "status", "next_attempt_at"),
+)
+
+notification_optouts = sa.Table(  # STOP replies and unsubscribe links (0005)
+    "notification_optouts", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("org_id", sa.String(64), nullable=False),  # "*": every organization (SMS STOP)
+    sa.Column("channel", sa.String(20), nullable=False),  # sms | email
+    sa.Column("address_hash", sa.String(64), nullable=False),  # keyed HMAC, never the address
+    sa.Column("reason", sa.String(40), nullable=False),  # e.g. sms_stop, email_unsubscribe
+    sa.Column("notification_id", Id),  # the message whose link was used, when known
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("org_id", "channel", "address_hash"),
 )
 
 cds_clients = sa.Table(
