@@ -38,6 +38,11 @@ class Settings:
     sms_url: str | None = None  # notifications by SMS (a Twilio-shaped HTTP gateway)
     # master key the provider webhooks' per-organization signing secrets derive from
     provider_webhook_secret: str = "dev-provider-webhook-master-key"  # noqa: S105 - dev default
+    # the SMS gateway's auth token that signs inbound texts (X-Twilio-Signature); None: the
+    # password of AUTHSVC_SMS_URL, and without either every inbound text is refused
+    sms_auth_token: str | None = None
+    # key for opt-out address hashes and unsubscribe-link tokens (set it in production)
+    notify_secret: str = "dev-notify-optout-key"  # noqa: S105 - dev default
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +75,8 @@ class Settings:
             sms_url=env.get("AUTHSVC_SMS_URL") or None,
             provider_webhook_secret=env.get("AUTHSVC_PROVIDER_WEBHOOK_SECRET")
             or "dev-provider-webhook-master-key",
+            sms_auth_token=env.get("AUTHSVC_SMS_AUTH_TOKEN") or None,
+            notify_secret=env.get("AUTHSVC_NOTIFY_SECRET") or "dev-notify-optout-key",
         )
 
     def replace(self, **changes: object) -> Settings:

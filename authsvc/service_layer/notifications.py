@@ -12,6 +12,12 @@ the notification id as idempotency key, then record the provider's message id an
 Transient failures retry with backoff through a delayed outbox row; permanent ones (bad
 address, 4xx, channel not configured) are recorded as `failed`, shown on the timeline and
 never retried. Logs, metrics and queue messages carry ids only, never addresses or text.
+
+The address is copied onto the row when it is planned (`notifications.address`), so editing
+the contacts later never redirects a planned message. Opt-outs (an SMS `STOP`, an email
+unsubscribe link) are checked when sending, on the keyed hash of that address: a patient or
+caregiver row for an opted-out address becomes `suppressed` (reason `opted_out`), shown on
+the timeline and counted, never silently dropped. Provider contacts are not affected.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from authsvc.service_layer import failpoints
 log = logging.getLogger(__name__)
 
 SENDS = Counter("authsvc_notifications", "Notification send attempts by channel and result",
-                ["channel", "result"])  # result: sent | failed | retry
+                ["channel", "result"])  # result: sent | failed | retry | suppressed
 PLANNED = Counter("authsvc_notifications_planned", "Notifications planned, by channel",
                   ["channel"])
+OPTOUTS = Counter("authsvc_notification_optouts", "Opt-out and opt-in requests applied",
+                  ["channel", "action"])  # action: opt_out | opt_in
+ALL_ORGS = "*"  # an SMS STOP reaches the sending number every organization shares
+OPTED_OUT = "opted_out"
 
 LEASE = dt.timedelta(seconds=60)
 MAX_ATTEMPTS = 10
@@ -92,7 +102,7 @@ def recipients(conn: sa.Connection, org_id: str, order_id: str, kind: str) -> li
             language = contact.get("language") if contact.get("language") in ("en", "es") else "en"
             address = contact.get("email" if channel == "email" else "phone")
             out.append({"recipient": f"contact:{index}", "audience": role, "channel": channel,
-                        "language": language,
+                        "language": language, "address": address or None,
                         "problem": None if address else f"the contact has no {channel} address"})
     if kind in PROVIDER_EVENTS:
         org = conn.execute(sa.select(t.organizations.c.provider_email,
@@ -100,10 +110,11 @@ def recipients(conn: sa.Connection, org_id: str, order_id: str, kind: str) -> li
                            .where(t.organizations.c.id == org_id)).first()
         if org is not None and org.provider_email:
             out.append({"recipient": "provider", "audience": "provider", "channel": "email",
-                        "language": "en", "problem": None})
+                        "language": "en", "address": org.provider_email, "problem": None})
         if org is not None and org.provider_webhook_url:
             out.append({"recipient": "provider", "audience": "provider", "channel": "webhook",
-                        "language": "en", "problem": None})
+                        "language": "en", "address": org.provider_webhook_url,
+                        "problem": None})
     return out
 
 
@@ -146,7 +157,7 @@ def plan(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None
                                              target["language"]),
             "status": "failed" if failed else "queued", "attempts": 0,
             "next_attempt_at": None if failed else at, "last_error": target["problem"],
-            "created_at": at,
+            "created_at": at, "address": target["address"],
         }
         if not _insert_ignoring_duplicates(conn, values):
             continue
@@ -164,6 +175,8 @@ def _timeline(conn: sa.Connection, row: dict, status: str, at: dt.datetime) -> N
               "channel": row["channel"], "template": row["template"], "status": status}
     if status == "failed":
         detail["attempts"] = row.get("attempts") or 0
+    if status == "suppressed":
+        detail["reason"] = OPTED_OUT
     repo.add_timeline(conn, org_id=row["org_id"], order_id=row["order_id"], at=at,
                       event=f"notification_{status}", actor="system", case_id=row["case_id"],
                       detail=detail)
@@ -235,6 +248,10 @@ def webhook_payload(row: dict, ctx: dict, text: str) -> dict:
 
 
 def _address(conn: sa.Connection, row: dict) -> str | None:
+    """Where the notification goes: the address copied when it was planned; rows planned
+    before that column existed (NULL) still look the contact up."""
+    if row.get("address"):
+        return row["address"]
     if row["recipient"] == "provider":
         org = conn.execute(sa.select(t.organizations.c.provider_email,
                                      t.organizations.c.provider_webhook_url)
@@ -276,10 +293,27 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return step / 2 + random.uniform(0, step / 2)  # noqa: S311 - jitter, not security
 
 
+def unsubscribe_url(settings: Any, row: dict, address: str) -> str:
+    """The signed link that stops this organization's emails to this address."""
+    from authsvc.adapters.notify import optout
+
+    token = optout.make_token(
+        settings.notify_secret, org_id=row["org_id"], channel="email",
+        hashed=optout.address_hash(settings.notify_secret, "email", address),
+        notification_id=row["id"], language=row["language"])
+    return f"{settings.public_url}/v1/notifications/unsubscribe?token={token}"
+
+
 def _deliver(services: Any, row: dict, address: str, ctx: dict) -> str:
     from authsvc.adapters.notify import Permanent, render
 
     settings = services.settings
+    headers: dict[str, str] = {}
+    if row["channel"] == "email" and row["audience"] in FAMILY:
+        url = unsubscribe_url(settings, row, address)
+        ctx = {**ctx, "unsubscribe_url": url}
+        headers = {"List-Unsubscribe": f"<{url}>",  # RFC 2369, one-click per RFC 8058
+                   "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
     message = render.render(row["event"], row["audience"], row["channel"], row["language"], ctx)
     if row["channel"] == "email":
         if not settings.smtp_url:
@@ -287,7 +321,7 @@ def _deliver(services: Any, row: dict, address: str, ctx: dict) -> str:
         from authsvc.adapters.notify import email
 
         return email.send(settings.smtp_url, address, message.subject, message.text,
-                          message.html, row["id"])
+                          message.html, row["id"], headers=headers)
     if row["channel"] == "sms":
         if not settings.sms_url:
             raise Permanent("SMS is not configured (AUTHSVC_SMS_URL)")
@@ -304,7 +338,8 @@ def _deliver(services: Any, row: dict, address: str, ctx: dict) -> str:
 
 
 def send(services: Any, notification_id: str) -> str:
-    """One attempt at one notification: `sent`, `retry`, `failed` or `skipped`."""
+    """One attempt at one notification: `sent`, `retry`, `failed`, `suppressed` (the
+    address opted out) or `skipped` (nothing to do: done already, not due, or leased)."""
     from authsvc.adapters.notify import Permanent, SendError, Transient
 
     now = clock.now()
@@ -315,6 +350,16 @@ def send(services: Any, notification_id: str) -> str:
             return "skipped"  # sent, failed, not due, or another worker holds the lease
         row = dict(conn.execute(sa.select(n).where(n.c.id == notification_id)).mappings().one())
         address = _address(conn, row)
+        if address and row["audience"] in FAMILY and opted_out(
+                conn, services.settings.notify_secret, row["org_id"], row["channel"], address):
+            conn.execute(n.update().where(n.c.id == notification_id).values(
+                status="suppressed", claimed_until=None, next_attempt_at=None,
+                last_error=OPTED_OUT))
+            _timeline(conn, row, "suppressed", now)
+            SENDS.labels(row["channel"], "suppressed").inc()
+            log.info("notification suppressed: the address opted out",
+                     extra={"notification_id": notification_id, "channel": row["channel"]})
+            return "suppressed"
         ctx = context(conn, row, services.settings.public_url) if address else {}
     error: SendError | None = None
     provider_id: str | None = None
@@ -373,6 +418,107 @@ def due(services: Any, now: dt.datetime, limit: int = 1000) -> list[str]:
             sa.or_(sa.and_(n.c.claimed_until.is_(None), n.c.next_attempt_at < stale),
                    n.c.claimed_until < now),
         ).order_by(n.c.next_attempt_at).limit(limit)).scalars().all())
+
+
+# ------------------------------------------------------------------ opt-outs
+
+
+def opted_out(conn: sa.Connection, secret: str, org_id: str, channel: str,
+              address: str) -> bool:
+    """Whether `address` asked this organization (or, for SMS, every one) for silence."""
+    from authsvc.adapters.notify import optout
+
+    o = t.notification_optouts
+    hashed = optout.address_hash(secret, channel, address)
+    return conn.execute(sa.select(o.c.id).where(
+        o.c.org_id.in_((org_id, ALL_ORGS)), o.c.channel == channel,
+        o.c.address_hash == hashed).limit(1)).first() is not None
+
+
+def _insert_optout(conn: sa.Connection, values: dict) -> bool:
+    o = t.notification_optouts
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(o).values(**values).on_conflict_do_nothing(
+        index_elements=["org_id", "channel", "address_hash"]).returning(o.c.id)
+    return conn.execute(stmt).first() is not None
+
+
+def opt_out(conn: sa.Connection, *, org_id: str, channel: str, hashed: str, reason: str,
+            at: dt.datetime, notification_id: str | None = None,
+            request_id: str | None = None, source_ip: str | None = None) -> bool:
+    """Store an opt-out (idempotent) and audit it; True when it is new."""
+    optout_id = ids.new_id("opt")
+    new = _insert_optout(conn, {"id": optout_id, "org_id": org_id, "channel": channel,
+                                "address_hash": hashed, "reason": reason[:40],
+                                "notification_id": notification_id, "created_at": at})
+    repo.add_audit(conn, at=at, org_id=None if org_id == ALL_ORGS else org_id,
+                   role="contact", action="opt_out", entity_type="notification_optout",
+                   entity_id=notification_id or (optout_id if new else None),
+                   outcome="success", request_id=request_id, source_ip=source_ip,
+                   reason=f"{reason}{'' if new else ':already'}"[:100])
+    OPTOUTS.labels(channel, "opt_out").inc()
+    return new
+
+
+def opt_in(conn: sa.Connection, *, org_id: str, channel: str, hashed: str, reason: str,
+           at: dt.datetime, request_id: str | None = None,
+           source_ip: str | None = None) -> bool:
+    """Remove an opt-out (an SMS START) and audit it; True when there was one."""
+    o = t.notification_optouts
+    removed = conn.execute(o.delete().where(o.c.org_id == org_id, o.c.channel == channel,
+                                            o.c.address_hash == hashed)).rowcount
+    repo.add_audit(conn, at=at, org_id=None if org_id == ALL_ORGS else org_id,
+                   role="contact", action="opt_in", entity_type="notification_optout",
+                   entity_id=None, outcome="success", request_id=request_id,
+                   source_ip=source_ip, reason=f"{reason}{'' if removed else ':none'}"[:100])
+    OPTOUTS.labels(channel, "opt_in").inc()
+    return bool(removed)
+
+
+def sms_auth_token(settings: Any) -> str | None:
+    """The token inbound texts are signed with: AUTHSVC_SMS_AUTH_TOKEN, else the password
+    of AUTHSVC_SMS_URL (Twilio signs with the account's auth token)."""
+    if settings.sms_auth_token:
+        return settings.sms_auth_token
+    if settings.sms_url:
+        import urllib.parse
+
+        try:
+            password = urllib.parse.urlsplit(settings.sms_url).password
+        except ValueError:
+            return None
+        return urllib.parse.unquote(password) if password else None
+    return None
+
+
+def sms_reply(services: Any, phone: str, body: str, at: dt.datetime,
+              request_id: str | None = None, source_ip: str | None = None) -> str | None:
+    """An inbound text: `STOP` (and its synonyms) opts the number out of every
+    organization's texts, `START`/`UNSTOP` opts it back in; anything else is ignored (and
+    not stored). Returns `opt_out`, `opt_in` or None."""
+    from authsvc.adapters.notify import optout
+
+    word = optout.keyword(body)
+    if word is None:
+        return None
+    hashed = optout.address_hash(services.settings.notify_secret, "sms", phone)
+    reason = "sms_" + "_".join(body.strip().rstrip(".!").lower().split())
+    with services.engine.begin() as conn:
+        if word == "stop":
+            opt_out(conn, org_id=ALL_ORGS, channel="sms", hashed=hashed, reason=reason, at=at,
+                    request_id=request_id, source_ip=source_ip)
+            return "opt_out"
+        opt_in(conn, org_id=ALL_ORGS, channel="sms", hashed=hashed, reason=reason, at=at,
+               request_id=request_id, source_ip=source_ip)
+        return "opt_in"
+
+
+def org_name(conn: sa.Connection, org_id: str) -> str:
+    return conn.execute(sa.select(t.organizations.c.name).where(
+        t.organizations.c.id == org_id)).scalar() or org_id
 
 
 # ------------------------------------------------------------------ reading

@@ -8,6 +8,7 @@ the same Message-ID (see docs/operations.md › Notifications).
 
 from __future__ import annotations
 
+import email.policy
 import smtplib
 import ssl
 import urllib.parse
@@ -17,6 +18,9 @@ from email.utils import formatdate
 from authsvc.adapters.notify import Permanent, Transient
 
 TIMEOUT_SECONDS = 15.0
+#: RFC 5322 allows 998 characters a line: a long List-Unsubscribe URL stays one plain word
+#: (the default 78 would turn it into RFC 2047 encoded words, which mail clients ignore there)
+POLICY = email.policy.default.clone(max_line_length=998)
 DEFAULT_FROM = "authsvc <no-reply@authsvc.invalid>"
 
 
@@ -26,15 +30,18 @@ def message_id(idempotency_key: str) -> str:
 
 
 def build(to: str, subject: str, text: str, html: str | None, idempotency_key: str,
-          sender: str = DEFAULT_FROM) -> EmailMessage:
-    """A text email with an HTML alternative; headers carry no PHI beyond the address."""
-    msg = EmailMessage()
+          sender: str = DEFAULT_FROM, headers: dict[str, str] | None = None) -> EmailMessage:
+    """A text email with an HTML alternative; headers carry no PHI beyond the address.
+    `headers` adds e.g. `List-Unsubscribe` and `List-Unsubscribe-Post` (RFC 8058)."""
+    msg = EmailMessage(policy=POLICY)
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = subject
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = message_id(idempotency_key)
     msg["Auto-Submitted"] = "auto-generated"
+    for name, value in (headers or {}).items():
+        msg[name] = value
     msg.set_content(text)
     if html:
         msg.add_alternative(f"<!doctype html><html><body>{html}</body></html>", subtype="html")
@@ -42,7 +49,7 @@ def build(to: str, subject: str, text: str, html: str | None, idempotency_key: s
 
 
 def send(url: str, to: str, subject: str, text: str, html: str | None,
-         idempotency_key: str) -> str:
+         idempotency_key: str, headers: dict[str, str] | None = None) -> str:
     """Send one email; returns the provider message id (the Message-ID).
 
     Raises `Transient` for connection problems and 4xx SMTP replies, `Permanent` for a bad
@@ -54,7 +61,7 @@ def send(url: str, to: str, subject: str, text: str, html: str | None,
         raise Permanent("AUTHSVC_SMTP_URL must be smtp://, smtps:// or smtp+starttls://")
     query = urllib.parse.parse_qs(parts.query)
     sender = (query.get("from") or [DEFAULT_FROM])[0]
-    msg = build(to, subject, text, html, idempotency_key, sender)
+    msg = build(to, subject, text, html, idempotency_key, sender, headers)
     port = parts.port or (465 if scheme == "smtps" else 25)
     try:
         client: smtplib.SMTP

@@ -153,3 +153,8 @@ def render(event: str, audience: str, channel: str, language: str, context: dict
     head, _, body = tmpl.render(ctx).partition(SUBJECT_END)
     subject = " ".join(html.unescape(head).split())
     return Rendered(template=name, subject=subject, text=html_to_text(body), html=body.strip())
+
+
+def page(name: str, **context: object) -> str:
+    """An HTML page of the public notification routes (`pages/…`), autoescaped."""
+    return environment().get_template(f"pages/{name}").render(**context)

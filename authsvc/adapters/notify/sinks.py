@@ -3,7 +3,10 @@ Twilio-shaped HTTP SMS gateway. They keep what they receive in memory (and, when
 folder, append it to `mail.mbox` / `sms.jsonl`) so a person or a test can read it back.
 
 The SMS sink honours the idempotency key (`I-Twilio-Idempotency-Token` or `Idempotency-Key`)
-like a real gateway: a repeat answers with the first message's sid and sends nothing.
+like a real gateway: a repeat answers with the first message's sid and sends nothing. Given an
+`inbound_url` and an `auth_token`, it also plays a phone replying: `POST /reply` (form From,
+Body) is signed like Twilio signs (`X-Twilio-Signature`) and forwarded to authsvc's inbound
+webhook, e.g. `curl -d From=+15555550101 -d Body=STOP http://127.0.0.1:8092/reply`.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class SmtpSink:
         html = msg.get_body(preferencelist=("html",))
         item = {"from": sender, "to": recipients, "subject": str(msg["Subject"] or ""),
                 "message_id": str(msg["Message-ID"] or ""),
+                "list_unsubscribe": str(msg["List-Unsubscribe"] or ""),
+                "list_unsubscribe_post": str(msg["List-Unsubscribe-Post"] or ""),
                 "text": body.get_content() if body is not None else "",
                 "html": html.get_content() if html is not None else ""}
         with self._lock:
@@ -80,9 +85,11 @@ class SmsSink:
     """`POST …/Messages.json` (form To/From/Body) → `{"sid", "status"}`; `GET /messages`."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8092, folder: Path | None = None,
-                 username: str | None = None, password: str | None = None):
+                 username: str | None = None, password: str | None = None,
+                 inbound_url: str | None = None, auth_token: str | None = None):
         self.host, self.port, self.folder = host, port, folder
         self.username, self.password = username, password
+        self.inbound_url, self.auth_token = inbound_url, auth_token
         self.messages: list[dict[str, Any]] = []
         self.duplicates = 0
         self._by_key: dict[str, str] = {}
@@ -116,6 +123,13 @@ class SmsSink:
                     self._json(404, {"message": "not found"})
 
             def do_POST(self) -> None:  # noqa: N802
+                if self.path.split("?", 1)[0] == "/reply":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    form = urllib.parse.parse_qsl(self.rfile.read(length).decode())
+                    status, answer = sink.reply(dict(form).get("From", ""),
+                                                dict(form).get("Body", ""))
+                    self._json(status, {"forwarded_status": status, "answer": answer})
+                    return
                 if not self.path.split("?", 1)[0].rstrip("/").endswith(("/Messages",
                                                                           "/Messages.json")):
                     self._json(404, {"message": "not found"})
@@ -166,6 +180,30 @@ class SmsSink:
                 with open(self.folder / "sms.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(item) + "\n")
             return sid
+
+    def reply(self, sender: str, body: str) -> tuple[int, str]:
+        """A text from `sender` to our number, signed and forwarded like Twilio does."""
+        import urllib.error
+        import urllib.request
+
+        from authsvc.adapters.notify import optout
+
+        if not self.inbound_url or not self.auth_token:
+            return 501, "the sink has no inbound_url/auth_token"
+        params = [("From", sender), ("To", "+15550100000"), ("Body", body),
+                  ("MessageSid", "SM" + uuid.uuid4().hex), ("AccountSid", "ACsink")]
+        data = urllib.parse.urlencode(params).encode()
+        req = urllib.request.Request(self.inbound_url, data=data, method="POST", headers={  # noqa: S310
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": optout.twilio_signature(self.auth_token, self.inbound_url,
+                                                          params)})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own URL
+                return resp.status, resp.read().decode()[:500]
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()[:500]
+        except OSError as exc:
+            return 502, type(exc).__name__
 
     def received(self) -> list[dict[str, Any]]:
         with self._lock:
