@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,12 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The dashboard's browser tests drive Debian's chromium through Playwright (no browser download).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+install: $(STAMP) chromium
 
 run: $(STAMP)
 	$(BIN)/python -m authsvc.devrun
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m tests.run
 
 lint: $(STAMP)

@@ -58,6 +58,9 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:  # typ
     from authsvc.api import security
 
     security.init_app(app, settings, services)
+    from authsvc.api import dashboard  # coordinators' pages under /app/ (docs/dashboard.md)
+
+    dashboard.mount(app, settings)
 
     @app.before_request
     def _begin() -> None:

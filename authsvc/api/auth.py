@@ -104,3 +104,35 @@ def requires(*roles: str) -> Callable:
         return wrapper
 
     return decorate
+
+
+def token_actor(*, token: str | None = None, token_id: str | None = None,
+                request_id: str | None = None,
+                source_ip: str | None = None) -> tuple[Actor | None, str | None]:
+    """The actor of a token (by its secret) or of a token id, checked exactly like
+    `authenticate` checks a bearer token: unknown, revoked and expired tokens give
+    `(None, reason)` with the reason `authenticate` would audit. For callers that do not
+    read an Authorization header (the dashboard's sign-in and its per-request re-check)."""
+    services = current_app.extensions["authsvc"]
+    now = clock.now()
+    with services.engine.connect() as conn:
+        if token is not None:
+            if not token or len(token) > 200 or not token.isascii():
+                return None, "malformed_token"
+            digest = hash_token(token)
+            row = repo.token_by_hash(conn, digest)
+            if row is not None and not hmac.compare_digest(row["token_hash"], digest):
+                row = None
+        elif token_id is not None:
+            row = conn.execute(sa.select(t.api_tokens).where(
+                t.api_tokens.c.id == token_id)).mappings().first()
+        else:
+            return None, "no_token"
+    if row is None:
+        return None, "unknown_token"
+    if row["revoked_at"] is not None:
+        return None, "revoked_token"
+    if row["expires_on"] is not None and now.date() > row["expires_on"]:
+        return None, "expired_token"
+    return Actor(org_id=row["org_id"], role=row["role"], token_id=row["id"], name=row["name"],
+                 request_id=request_id, source_ip=source_ip), None

@@ -1,0 +1,285 @@
+"""S4 for the coordinators' dashboard (reliability.md): a session cookie used after its idle
+timeout is refused (sign in again), and no dashboard session cookie lives longer than the
+idle window. Also what guards the session: CSRF, roles at sign-in, revocation on the next
+request, tenancy and the audit of /app/ reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import http.cookiejar
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from authsvc.adapters.db import tables as t
+from tests.browser.dash import csrf_of, seed_case, sign_in
+from tests.security.conftest import fresh_addr
+
+pytestmark = pytest.mark.integration
+IDLE = 900  # the default AUTHSVC_DASHBOARD_IDLE_SECONDS
+
+
+def _cookie_header(resp) -> str:  # type: ignore[no-untyped-def]
+    cookies = [v for k, v in resp.headers.items() if k.lower() == "set-cookie"]
+    assert cookies, "no Set-Cookie"
+    return cookies[-1]
+
+
+def _max_age(header: str) -> float:
+    """Seconds from now until the cookie's Expires (Flask writes Expires, not Max-Age)."""
+    match = re.search(r"Expires=([^;]+)", header)
+    assert match, header
+    expires = email.utils.parsedate_to_datetime(match.group(1))
+    return (expires - dt.datetime.now(dt.UTC)).total_seconds()
+
+
+def test_S4_session_is_refused_after_the_idle_timeout_and_sign_in_works_again(app, tokens):
+    import time_machine
+
+    client = app.test_client()
+    token = tokens["org-a"]["coordinator"]
+    start = dt.datetime.now(dt.UTC)
+    with time_machine.travel(start, tick=False):
+        resp = sign_in(client, token)
+        assert resp.status_code == 303 and resp.headers["Location"].endswith("/app/")
+        assert client.get("/app/").status_code == 200
+    # activity just inside the window keeps the session alive (the window slides)
+    with time_machine.travel(start + dt.timedelta(seconds=IDLE - 5), tick=False):
+        assert client.get("/app/").status_code == 200
+    # idle for longer than the window: refused, sent to sign in with the reason
+    with time_machine.travel(start + dt.timedelta(seconds=2 * IDLE - 5 + 2), tick=False):
+        resp = client.get("/app/")
+        assert resp.status_code == 303
+        assert "/app/login?notice=session_expired" in resp.headers["Location"]
+        page = client.get(resp.headers["Location"]).get_data(as_text=True)
+        assert "Your session ended after 15 min without activity" in page
+        # and the old session stays dead: still refused, not revived
+        assert client.get("/app/").status_code == 303
+        assert sign_in(client, token).status_code == 303
+        assert client.get("/app/").status_code == 200
+
+
+def test_S4_the_auto_refresh_does_not_extend_the_session(app, tokens):
+    import time_machine
+
+    client = app.test_client()
+    start = dt.datetime.now(dt.UTC)
+    with time_machine.travel(start, tick=False):
+        sign_in(client, tokens["org-a"]["coordinator"])
+    with time_machine.travel(start + dt.timedelta(seconds=IDLE - 10), tick=False):
+        poll = client.get("/app/", headers={"X-Dashboard-Poll": "1"})
+        assert poll.status_code == 200 and "<table" in poll.get_data(as_text=True)
+        assert not [k for k in poll.headers.keys() if k.lower() == "set-cookie"]
+    with time_machine.travel(start + dt.timedelta(seconds=IDLE + 1), tick=False):
+        poll = client.get("/app/", headers={"X-Dashboard-Poll": "1"})
+        assert poll.status_code == 401
+        assert poll.headers["X-Dashboard-Login"].endswith("/app/login?notice=session_expired")
+
+
+def test_S4_the_cookie_is_httponly_samesite_strict_and_lives_no_longer_than_the_window(
+        app, tokens):
+    client = app.test_client()
+    resp = sign_in(client, tokens["org-a"]["coordinator"])
+    header = _cookie_header(resp)
+    assert header.startswith("authsvc_dash=")  # http on loopback (tests): no __Host- prefix
+    assert "HttpOnly" in header and "SameSite=Strict" in header and "Path=/" in header
+    assert 0 < _max_age(header) <= IDLE + 1
+    # every later cookie too, the pre-sign-in one included
+    assert _max_age(_cookie_header(client.get("/app/"))) <= IDLE + 1
+    fresh = app.test_client()
+    assert _max_age(_cookie_header(fresh.get("/app/login"))) <= IDLE + 1
+    # the token itself is never in the cookie
+    assert tokens["org-a"]["coordinator"] not in header
+
+
+def test_S4_a_secure_deployment_uses_a_secure_host_prefixed_cookie(settings, services,
+                                                                    tokens, monkeypatch):
+    from authsvc.api import create_app
+
+    monkeypatch.setenv("AUTHSVC_DASHBOARD_SECURE_COOKIE", "1")
+    app = create_app(settings, services)
+    client = app.test_client()
+    resp = sign_in(client, tokens["org-a"]["coordinator"], base_url="https://localhost",
+                   headers={"Referer": "https://localhost/app/login"})
+    assert resp.status_code == 303, resp.get_data(as_text=True)[:300]
+    header = _cookie_header(resp)
+    assert header.startswith("__Host-authsvc_dash=")
+    assert "Secure" in header and "Domain" not in header and "Path=/;" in header + ";"
+
+
+def test_S4_revoking_the_token_ends_the_session_on_the_next_request(app, services):
+    from authsvc.api.auth import create_token
+
+    with services.engine.begin() as conn:
+        token_id, token = create_token(conn, "org-a", "coordinator", name="revokee")
+    client = app.test_client()
+    sign_in(client, token)
+    assert client.get("/app/").status_code == 200
+    with services.engine.begin() as conn:
+        conn.execute(t.api_tokens.update().where(t.api_tokens.c.id == token_id)
+                     .values(revoked_at=sa.func.now()))
+    resp = client.get("/app/")
+    assert resp.status_code == 303 and "notice=session_revoked" in resp.headers["Location"]
+
+
+@pytest.mark.parametrize("role", ["clinician", "billing"])
+def test_sign_in_accepts_only_coordinator_and_admin_tokens(app, tokens, role):
+    client = app.test_client()
+    resp = sign_in(client, tokens["org-a"][role], environ_base={"REMOTE_ADDR": fresh_addr()})
+    assert resp.status_code == 403
+    assert f"A {role} token cannot use the dashboard" in resp.get_data(as_text=True)
+    assert client.get("/app/").status_code == 303
+    assert sign_in(app.test_client(), tokens["org-a"]["admin"]).status_code == 303
+
+
+def test_a_bad_token_gets_a_clear_refusal_and_is_audited(app, services):
+    client = app.test_client()
+    rid = uuid.uuid4().hex
+    page = client.get("/app/login")
+    resp = client.post("/app/login", data={"token": "asv_" + "x" * 43,
+                                           "csrf_token": csrf_of(page.get_data(as_text=True))},
+                       headers={"X-Request-Id": rid}, environ_base={"REMOTE_ADDR": fresh_addr()})
+    assert resp.status_code == 401
+    assert "That token is not valid" in resp.get_data(as_text=True)
+    with services.engine.connect() as conn:
+        row = conn.execute(sa.select(t.audit_events).where(
+            t.audit_events.c.request_id == rid)).mappings().one()
+    assert row["outcome"] == "denied" and row["reason"] == "unknown_token"
+    assert "asv_" not in str(dict(row))
+
+
+def test_forms_without_the_csrf_token_are_refused_with_a_400_page(app, tokens, services):
+    client = app.test_client()
+    client.get("/app/login")
+    resp = client.post("/app/login", data={"token": tokens["org-a"]["coordinator"]})
+    assert resp.status_code == 400
+    assert "This form expired or did not come from this page" in resp.get_data(as_text=True)
+    assert client.get("/app/").status_code == 303  # not signed in
+    _, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    sign_in(client, tokens["org-a"]["coordinator"])
+    resp = client.post(f"/app/cases/{case_id}/notes", data={"text": "forged"})
+    assert resp.status_code == 400
+    resp = client.post(f"/app/cases/{case_id}/notes",
+                       data={"text": "forged", "csrf_token": "wrong"})
+    assert resp.status_code == 400
+    assert "forged" not in client.get(f"/app/cases/{case_id}").get_data(as_text=True)
+
+
+def test_another_organizations_case_is_a_404_page_and_the_denial_is_audited(
+        app, tokens, services):
+    client = app.test_client()
+    _, case_b = seed_case(client, services, tokens["org-b"]["clinician"], "org-b")
+    sign_in(client, tokens["org-a"]["coordinator"])
+    rid = uuid.uuid4().hex
+    resp = client.get(f"/app/cases/{case_b}", headers={"X-Request-Id": rid})
+    assert resp.status_code == 404 and resp.mimetype == "text/html"
+    text = resp.get_data(as_text=True)
+    assert "belongs to another organization" in text and case_b not in text
+    assert client.post(f"/app/cases/{case_b}/notes", data={
+        "text": "x", "csrf_token": csrf_of(client.get("/app/").get_data(as_text=True))}
+    ).status_code == 404
+    with services.engine.connect() as conn:
+        rows = conn.execute(sa.select(t.audit_events).where(
+            t.audit_events.c.request_id == rid)).mappings().all()
+    assert [(r["outcome"], r["org_id"], r["entity_id"]) for r in rows] == [
+        ("denied", "org-a", case_b)]
+
+
+def test_a_case_page_read_is_audited_with_the_patient_like_the_json_api(app, tokens, services):
+    client = app.test_client()
+    order_id, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    sign_in(client, tokens["org-a"]["coordinator"])
+    rid = uuid.uuid4().hex
+    resp = client.get(f"/app/cases/{case_id}", headers={"X-Request-Id": rid})
+    assert resp.status_code == 200
+    with services.engine.connect() as conn:
+        rows = conn.execute(sa.select(t.audit_events).where(
+            t.audit_events.c.request_id == rid).order_by(t.audit_events.c.id)).mappings().all()
+        patient = conn.execute(sa.select(t.orders.c.patient_id).where(
+            t.orders.c.id == order_id)).scalar()
+    assert {(r["action"], r["entity_type"], r["entity_id"], r["patient_id"], r["org_id"])
+            for r in rows} == {("read", "case", case_id, patient, "org-a"),
+                               ("read", "order", order_id, patient, "org-a")}
+    # minimum necessary: no name, birth date or member id on the page
+    text = resp.get_data(as_text=True)
+    for phi in ("Diaz", "1984-03-02", "SIM-SILENT-0001"):
+        assert phi not in text
+
+
+# ------------------------------------------------------------------ real clock, real server
+
+
+@pytest.fixture()
+def served_short_idle(settings, services, monkeypatch):
+    """The API + dashboard app served over HTTP on a free port with a 5 s idle window."""
+    from werkzeug.serving import make_server
+
+    from authsvc.api import create_app
+
+    monkeypatch.setenv("AUTHSVC_DASHBOARD_IDLE_SECONDS", "5")
+    app = create_app(settings, services)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None
+
+
+def test_S4_real_clock_a_5_second_idle_window_ends_the_session(served_short_idle, tokens):
+    base = served_short_idle
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), _NoRedirect)
+
+    def fetch(path: str, data: dict | None = None):  # type: ignore[no-untyped-def]
+        body = urllib.parse.urlencode(data).encode() if data is not None else None
+        try:
+            with opener.open(base + path, data=body, timeout=10) as resp:
+                return resp.status, resp.headers, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers, exc.read().decode()
+
+    def session_cookie(headers) -> str:  # type: ignore[no-untyped-def]
+        found = [c for c in headers.get_all("Set-Cookie") or [] if c.startswith("authsvc_dash=")]
+        assert found, "no session cookie"
+        return found[0]
+
+    _, _, page = fetch("/app/login")
+    status, headers, _ = fetch("/app/login", {"token": tokens["org-a"]["coordinator"],
+                                              "csrf_token": csrf_of(page)})
+    assert status == 303
+    assert _max_age(session_cookie(headers)) <= 6
+    assert fetch("/app/")[0] == 200
+    time.sleep(3)
+    assert fetch("/app/")[0] == 200  # activity within the window
+    time.sleep(3)
+    status, headers, _ = fetch("/app/")  # 3 s after the last activity: still inside
+    assert status == 200
+    last_cookie = session_cookie(headers).split(";", 1)[0]
+    time.sleep(6)
+    # the browser dropped the expired cookie: the page says the session ended
+    status, headers, _ = fetch("/app/")
+    assert status == 303 and "notice=session_expired" in headers["Location"]
+    _, _, page = fetch(headers["Location"])
+    assert "Your session ended after" in page and "Sign in again" in page
+    # a copy of the last cookie replayed after the window is refused by the server itself
+    req = urllib.request.Request(base + "/app/", headers={"Cookie": last_cookie})
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(req, timeout=10) as resp:
+            status, location = resp.status, resp.headers.get("Location", "")
+    except urllib.error.HTTPError as exc:
+        status, location = exc.code, exc.headers.get("Location", "")
+    assert status == 303 and "notice=session_expired" in location
