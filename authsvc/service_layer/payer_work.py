@@ -49,6 +49,21 @@ CARRIES_RELATED_DOCUMENTS = frozenset({"resubmission", "appeal_standard", "appea
 APPEALS = frozenset({"appeal_standard", "appeal_immediate"})
 
 
+def db_now(conn: sa.Connection) -> dt.datetime:
+    """The database's clock, shared by every process (reliability.md F16).
+
+    Leases, due times and the times a step stores (payer_received_at, hence decision_due_at)
+    come from it, so a worker whose own clock runs minutes ahead does not take a lease that is
+    still live, one that runs behind neither stalls due polls nor writes leases that look
+    expired to the others. On SQLite (one machine, embedded) it is the system clock.
+    """
+    if conn.dialect.name == "postgresql":
+        value = conn.execute(sa.text("SELECT statement_timestamp()")).scalar_one()
+        return value.astimezone(dt.UTC)
+    raw = conn.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+    return dt.datetime.fromisoformat(raw).replace(tzinfo=dt.UTC)
+
+
 def _lease(services: Services) -> dt.timedelta:
     return dt.timedelta(seconds=services.settings.lease_seconds)
 
@@ -146,8 +161,8 @@ def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | No
 
 def run_eligibility(services: Services, check_id: str) -> None:
     """Ask the payer whether coverage is active on the date of service (scenario 4)."""
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         if not repo.claim_eligibility(conn, check_id, now, _lease(services)):
             return
         check = repo.eligibility_row(conn, check_id)
@@ -165,8 +180,8 @@ def run_eligibility(services: Services, check_id: str) -> None:
         answer = services.adapter(order["payer_id"], records.append).check_eligibility(request)
     except PayerFailure as exc:
         failure = exc
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         repo.record_exchanges(conn, records, payer_id=order["payer_id"], org_id=order["org_id"],
                               order_id=order["id"], case_id=None)
         if answer is not None and answer.status != "error":
@@ -192,8 +207,8 @@ def run_eligibility(services: Services, check_id: str) -> None:
 
 def submit_case(services: Services, case_id: str) -> None:
     """Send a ready case to the payer exactly once, whatever crashes in between."""
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         before = repo.lock_case(conn, case_id)
         if before is None or not repo.claim_case(
                 conn, case_id, (cs.READY_TO_SUBMIT, cs.SUBMITTING), cs.SUBMITTING, now,
@@ -233,8 +248,8 @@ def submit_case(services: Services, case_id: str) -> None:
     else:
         breaker.success()
     failpoints.hit("AFTER_PAYER_BEFORE_COMMIT")
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         case = repo.lock_case(conn, case_id)
         assert case is not None
         repo.record_exchanges(conn, records, payer_id=case["payer_id"], org_id=case["org_id"],
@@ -258,8 +273,10 @@ def submit_case(services: Services, case_id: str) -> None:
 def _wait_for_breaker(services: Services, case_id: str, until: dt.datetime,
                       keep_unknown: bool) -> None:
     """The payer looks down: put the claimed step back without spending an attempt."""
-    now = clock.now()
+    wait = max(until - clock.now(), dt.timedelta(0))  # the breaker keeps this process's time
     with services.engine.begin() as conn:
+        now = db_now(conn)
+        until = now + wait
         case = repo.lock_case(conn, case_id)
         if case is None or case["state"] != cs.SUBMITTING:
             return
@@ -456,8 +473,8 @@ def _poll_fields(services: Services, case: dict, now: dt.datetime) -> dict:
 
 def poll_case(services: Services, case_id: str) -> None:
     """The sparse `$inquire` fallback for cases waiting on the payer's notification."""
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         case = repo.case_row(conn, case_id)
         if case is None or case["state"] not in (cs.SUBMITTED, cs.PENDED):
             return
@@ -471,8 +488,8 @@ def poll_case(services: Services, case_id: str) -> None:
         answer = services.adapter(case["payer_id"], records.append).inquire(claim)
     except PayerFailure:
         answer = None
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         case = repo.lock_case(conn, case_id)
         assert case is not None
         repo.record_exchanges(conn, records, payer_id=case["payer_id"], org_id=case["org_id"],
@@ -508,8 +525,8 @@ def cancel_at_payer(services: Services, case_id: str) -> None:
         services.adapter(case["payer_id"], records.append).cancel(claim)
     except PayerFailure as exc:
         failure = exc
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         repo.record_exchanges(conn, records, payer_id=case["payer_id"], org_id=case["org_id"],
                               order_id=case["order_id"], case_id=case_id)
         timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"],
@@ -530,8 +547,8 @@ def handle_notification(services: Services, payer_id: str, webhook_id: str,
     """Apply a verified payer notification once; duplicates and stale events are absorbed."""
     from authsvc.adapters.db import tables as t
 
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = db_now(conn)
         ce = t.callback_events
         existing = conn.execute(sa.select(ce.c.id).where(
             ce.c.payer_id == payer_id, ce.c.webhook_id == webhook_id)).first()
@@ -573,8 +590,8 @@ def register_subscriptions(services: Services, payer_ids: Iterable[str]) -> set[
         except PayerFailure:
             log.warning("subscription registration failed", extra={"payer_id": payer_id})
             continue
-        now = clock.now()
         with services.engine.begin() as conn:
+            now = db_now(conn)
             conn.execute(t.payer_subscriptions.delete().where(
                 t.payer_subscriptions.c.payer_id == payer_id))
             conn.execute(t.payer_subscriptions.insert().values(
