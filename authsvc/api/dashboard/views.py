@@ -292,7 +292,9 @@ def worklist_page() -> Any:
         "items": items, "chosen": chosen, "messages": messages, "counts": counts,
         "total": total, "capped": capped, "next_url": next_url, "paged": cursor is not None,
         "first_url": url_for("dashboard.worklist_page") + ("?" + query if query else ""),
-        "refresh_url": request.full_path.rstrip("?"), "open_states": OPEN_STATES,
+        "refresh_url": url_for("dashboard.worklist_page") + (
+            "?" + request.query_string.decode("ascii", "replace") if request.query_string
+            else ""), "open_states": OPEN_STATES,
         "urgencies": URGENCIES, "updated": now.strftime("%H:%M:%S UTC"),
     }
     template = "_worklist.html" if g.get("dashboard_poll") else "worklist.html"
