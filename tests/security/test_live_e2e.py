@@ -1,13 +1,22 @@
 """On real processes (tests/e2e/harness.py): S8, the canary PHI scan over a scripted session,
 and B14, a bounded schemathesis run against the live `/openapi.json` with a token.
 
+The S8 session carries the canary patient through: PHI writes and reads, hostile and failing
+requests (B1-B6, B8), S1 (no, garbage, revoked, expired and query-string tokens; an `alg:none`
+CDS Hooks JWT), S2 (wrong roles), S3 (another organization on the canary's ids), and payer
+faults F10-F12 (503, 429 with Retry-After, text/html, a truncated and a 50 MB body, a 302
+towards a port nothing may reach) with the simulator restarted per mode.
+
 `bench/fuzz.sh` runs the same schemathesis driver for ≥ 10,000 requests.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import re
+import socket
 import time
 import urllib.request
 import uuid
@@ -29,6 +38,10 @@ PG_LOG = Path("/var/log/postgresql/postgresql-15-main.log")
 # Tables that must hold identifiers only (reliability.md S8: "0 hits outside the PHI tables").
 ID_ONLY_TABLES = ("audit_events", "outbox", "timeline_events", "outcomes", "callback_events",
                   "rate_limit_events", "api_tokens", "case_lines")
+# Columns of PHI tables that hold reasons and addresses only (payer_exchanges keeps the PAS
+# bodies themselves, by design; its error and URL must not quote them).
+ID_ONLY_COLUMNS = {"payer_exchanges": ("error", "url", "kind"),
+                   "eligibility_checks": ("errors", "plan_name")}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +154,18 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
                 id="pat_canary_dup", org_id="no-such-org", mrn="ZZCANARY", given_name="ZZCANARY",
                 family_name="Testperson", birth_date="1901-02-03", sex="female", contacts=[],
                 updated_at=sa.func.now()))
+    with services.engine.connect() as conn:  # S3: org B names org A's patient in a body
+        final["patient_id"] = conn.execute(sa.select(t.orders.c.patient_id).where(
+            t.orders.c.id == final["id"])).scalar()
+    error_bodies += _s1_to_s3_traffic(system, final, token, other.token)
+    error_bodies += _payer_fault_traffic(system)
+    px = t.payer_exchanges
+    with services.engine.connect() as conn:  # F12: each fault is a failure with a typed reason
+        reasons = {r.error for r in conn.execute(sa.select(px.c.error).where(
+            px.c.org_id == "canary-org", px.c.kind == "submit"))}
+    assert {"http 503", "http 500", "http 429", "unexpected content type", "unparseable body",
+            "redirect 302 not followed"} <= reasons, reasons
+    assert len(reasons - {None}) >= 7, reasons  # and the 50 MB body was cut at the cap
     time.sleep(1.5)  # let the workers' and scheduler's last lines reach their files
     with urllib.request.urlopen(f"{system.api}/metrics", timeout=10) as resp:  # noqa: S310
         metrics = resp.read()
@@ -162,6 +187,11 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
             rows = conn.execute(sa.select(t.metadata.tables[name])).all()
             if CANARY_RE.search(repr(rows).encode()):
                 hits[f"table {name}"] = ["canary"]
+        for name, columns in ID_ONLY_COLUMNS.items():
+            table = t.metadata.tables[name]
+            rows = conn.execute(sa.select(*(table.c[c] for c in columns))).all()
+            if CANARY_RE.search(repr(rows).encode()):
+                hits[f"table {name} {columns}"] = ["canary"]
     if pg_offset is not None and services.engine.dialect.name == "postgresql":
         with PG_LOG.open("rb") as fh:
             fh.seek(pg_offset)
@@ -173,6 +203,133 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
     # S9/I8 across processes: API workers, actors and the scheduler all appended to one
     # chain (advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite); it still verifies.
     assert "audit chain ok" in system.cli("audit", "verify")
+
+
+def _expect(system, method: str, path: str, data: object, headers: dict[str, str],
+            status: int) -> bytes:
+    body = data if isinstance(data, bytes) or data is None else json.dumps(data).encode()
+    hdrs = {"Content-Type": "application/json", "Idempotency-Key": uuid.uuid4().hex,
+            **headers}
+    got, raw = _raw(system.api, method, path, body, hdrs)
+    assert got == status, (method, path, got, raw[:300])
+    return raw
+
+
+def _s1_to_s3_traffic(system, order: dict, token: str, other_token: str) -> list[bytes]:
+    """S1, S2 and S3 requests carrying the canary; returns their (error) bodies."""
+    bodies: list[bytes] = []
+    canary = canary_body()
+    case_id = order["cases"][0]["id"] if order.get("cases") else None
+    created = system.cli("tokens", "create", "--org", "canary-org", "--role", "clinician")
+    revoked_id = created.split()[1]
+    revoked = created.strip().splitlines()[-1]
+    system.cli("tokens", "revoke", revoked_id)
+    yesterday = (dt.date.today() - dt.timedelta(days=2)).isoformat()
+    expired = system.cli("tokens", "create", "--org", "canary-org", "--role", "clinician",
+                         "--expires", yesterday).strip().splitlines()[-1]
+    # S1: every kind of bad credential, the canary in the body or the URL
+    for hdrs in ({}, {"Authorization": "Bearer ZZCANARY-1901-02-03"},
+                 {"Authorization": "Basic " + base64.b64encode(b"ZZCANARY:x").decode()},
+                 {"Authorization": "Bearer asv_" + "0" * 43},
+                 {"Authorization": f"Bearer {revoked}"}, {"Authorization": f"Bearer {expired}"}):
+        bodies.append(_expect(system, "POST", "/v1/orders", canary, hdrs, 401))
+        bodies.append(_expect(system, "GET", "/v1/orders?mrn=MRN-CANARY-1&q=ZZCANARY", None,
+                              hdrs, 401))
+    bodies.append(_expect(system, "GET", f"/v1/orders?access_token={token}&mrn=ZZCANARY",
+                          None, {}, 401))
+    jwt_none = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=")
+                        .decode() for part in ({"alg": "none", "typ": "JWT"},
+                                               {"iss": "ZZCANARY", "sub": "1901-02-03"})) + "."
+    hook = {"hook": "order-select", "hookInstance": str(uuid.uuid4()), "context": {
+        "patientId": "ZZCANARY", "draftOrders": {"resourceType": "Bundle", "entry": []}},
+        "prefetch": {"patient": {"resourceType": "Patient", "birthDate": "1901-02-03",
+                                 "name": [{"family": "Testperson", "given": ["ZZCANARY"]}]},
+                     "coverage": {"resourceType": "Coverage",
+                                  "subscriberId": "CANARYMBR000123"}}}
+    bodies.append(_expect(system, "POST", "/cds-services/order-select", hook,
+                          {"Authorization": f"Bearer {jwt_none}"}, 401))
+    # S2: roles that may not do it
+    billing = system.token("canary-org", "billing")
+    bodies.append(_expect(system, "POST", "/v1/orders", canary,
+                          {"Authorization": f"Bearer {billing}"}, 403))
+    bodies.append(_expect(system, "GET", "/v1/cases?q=ZZCANARY", None,
+                          {"Authorization": f"Bearer {billing}"}, 403))
+    if case_id:
+        bodies.append(_expect(system, "POST", f"/v1/cases/{case_id}/decision", {
+            "reference": "ZZCANARY", "received_via": "phone", "lines": [
+                {"sequence": 1, "outcome": "approved", "auth_number": "CANARYMBR000123"}]},
+            {"Authorization": f"Bearer {token}"}, 403))
+    # S3: another organization on the canary's ids and data
+    other_coord = system.token("canary-other", "coordinator")
+    for hdr in ({"Authorization": f"Bearer {other_token}"},
+                {"Authorization": f"Bearer {other_coord}"}):
+        bodies.append(_expect(system, "GET", f"/v1/orders/{order['id']}", None, hdr, 404))
+        bodies.append(_expect(system, "POST", f"/v1/orders/{order['id']}/cancel",
+                              {"reason": "ZZCANARY 1901-02-03"}, hdr, 404))
+    coord = {"Authorization": f"Bearer {other_coord}"}
+    bodies.append(_expect(system, "POST", f"/v1/orders/{order['id']}/coverage",
+                          {"member_id": "CANARYMBR000123"}, coord, 404))
+    if case_id:
+        bodies.append(_expect(system, "GET", f"/v1/cases/{case_id}", None, coord, 404))
+        bodies.append(_expect(system, "POST", f"/v1/cases/{case_id}/notes",
+                              {"text": "ZZCANARY Testperson 1901-02-03"}, coord, 404))
+        bodies.append(_expect(system, "POST", f"/v1/cases/{case_id}/assign",
+                              {"assignee": "ZZCANARY"}, coord, 404))
+    listed = _expect(system, "GET", "/v1/orders?mrn=MRN-CANARY-1", None, coord, 200)
+    assert json.loads(listed)["items"] == []
+    bodies.append(listed)
+    with_patient = {**canary, "patient_id": order["patient_id"]}
+    bodies.append(_expect(system, "POST", "/v1/orders", with_patient,
+                          {"Authorization": f"Bearer {other_coord}"}, 422))
+    return bodies
+
+
+# F10-F12: (AUTHSVC_SIM_FAULT, the status the simulator's ledger lists for the faulted call)
+FAULTS = [("503", 503), ("500", 500), ("429", 429), ("html", 200), ("truncated", 200),
+          ("huge", 200), ("redirect=http://127.0.0.1:{victim}/steal", 302)]
+
+
+def _payer_fault_traffic(system) -> list[bytes]:
+    """Canary orders while the payer misbehaves, one mode at a time (the simulator restarts
+    with each; so does the worker, whose circuit breaker would otherwise stop calling after
+    five failures). Waits until the payer listed a faulted call for the canary member."""
+    clin = Http(system.api, system.token("canary-org", "clinician"))
+    victim = socket.socket()
+    victim.bind(("127.0.0.1", 0))
+    victim.listen(1)
+    victim.settimeout(0.2)
+    try:
+        for mode, status in FAULTS:
+            mode = mode.format(victim=victim.getsockname()[1])
+            system.kill("payer-sim")
+            system.kill("worker")
+            system.start("payer-sim", "payer-sim", env={"AUTHSVC_SIM_FAULT": mode})
+            system.wait_http(f"{system.sim}/sim/submissions")
+            system.start("worker", "worker", "--threads", "4")
+            body = canary_body(diagnoses=["M54.50"])  # the canary NPI holds a gold card:
+            body["requester"]["npi"] = "1003000126"   # another requester sends it to the payer
+            body["performer"]["npi"] = "1234567893"
+            code, _, _ = clin.request("POST", "/v1/orders", body,
+                                      {"Idempotency-Key": uuid.uuid4().hex})
+            assert code == 201
+
+            def faulted(status=status):  # type: ignore[no-untyped-def]
+                return [e for e in system.submissions("CANARYMBR000123")
+                        if not e["accepted"] and e["http_status"] == status]
+
+            try:
+                wait_for(faulted, timeout=60)
+            except TimeoutError:
+                raise AssertionError((mode, system.submissions("CANARYMBR000123"))) from None
+            time.sleep(1)  # the worker handles (and logs) the faulted answer
+        with pytest.raises(TimeoutError):  # the 302 was not followed
+            victim.accept()
+    finally:
+        victim.close()
+        system.kill("payer-sim")
+        system.start("payer-sim", "payer-sim")
+        system.wait_http(f"{system.sim}/sim/submissions")
+    return []
 
 
 def _assert_messages_hold_ids_only(redis_url: str) -> None:
