@@ -21,7 +21,14 @@ HOSTILE = ["http://127.0.0.1:5432/", "http://[::1]:6380/", "http://169.254.169.2
            "http://0x7f000001/", "http://2130706433/", "http://localhost./", "file:///etc/passwd",
            "gopher://127.0.0.1:6380/_FLUSHALL", "http://10.0.0.1/", "http://192.168.1.1/",
            "http://[::ffff:127.0.0.1]/", "http://user:pw@127.0.0.1:9100/", "http://0.0.0.0/",
-           "https://127.0.0.1:9100\\@evil.example/", "http://127.1/"]
+           "https://127.0.0.1:9100\\@evil.example/", "http://127.1/",
+           # octal and padded dotted quads, IPv6 forms that embed or mean IPv4 loopback
+           # (NAT64, IPv4-compatible, 6to4, Teredo), unique-local, link-local with a zone,
+           # carrier-grade NAT and the benchmarking range
+           "http://0177.0.0.1/", "http://127.000.000.001/", "http://[64:ff9b::7f00:1]/",
+           "http://[::7f00:1]/", "http://[2002:7f00:1::]/",
+           "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", "http://[fc00::1]/",
+           "http://[fe80::1%25eth0]/", "http://100.64.0.1/", "http://198.18.0.1/"]
 
 
 @pytest.mark.parametrize("url", HOSTILE)
