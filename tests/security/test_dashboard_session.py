@@ -283,3 +283,29 @@ def test_S4_real_clock_a_5_second_idle_window_ends_the_session(served_short_idle
     except urllib.error.HTTPError as exc:
         status, location = exc.code, exc.headers.get("Location", "")
     assert status == 303 and "notice=session_expired" in location
+
+
+def test_production_without_a_secret_key_keeps_the_api_but_not_the_dashboard(
+        settings, services, monkeypatch):
+    from authsvc.api.dashboard.config import DashboardConfig
+
+    prod = settings.replace(production=True, public_url="https://authsvc.example")
+    monkeypatch.delenv("AUTHSVC_SECRET_KEY", raising=False)
+    assert "AUTHSVC_SECRET_KEY" in (DashboardConfig.from_env(prod).unusable or "")
+    insecure = DashboardConfig.from_env(prod, {"AUTHSVC_SECRET_KEY": "k" * 40,
+                                               "AUTHSVC_DASHBOARD_SECURE_COOKIE": "0"})
+    assert "Secure" in (insecure.unusable or "")
+    good = DashboardConfig.from_env(prod, {"AUTHSVC_SECRET_KEY": "k" * 40})
+    assert good.unusable is None and good.secure_cookie and good.cookie_name.startswith("__Host-")
+    # development: a generated key shared by every worker through var/, never rewritten
+    first = DashboardConfig.from_env(settings, {}).secret_key
+    assert len(first) >= 32 and DashboardConfig.from_env(settings, {}).secret_key == first
+    assert (settings.var_dir / "dashboard-secret-key").stat().st_mode & 0o077 == 0
+
+
+def test_the_dashboard_answers_503_when_it_may_not_run_safely():
+    from authsvc.api.dashboard import _unavailable
+
+    client = _unavailable("test").test_client()
+    resp = client.get("/cases/x")
+    assert resp.status_code == 503 and "not configured" in resp.get_data(as_text=True)

@@ -75,6 +75,8 @@ def create_dashboard(parent: Flask, settings: Settings) -> Flask:
     from authsvc.api.dashboard import views
 
     conf = DashboardConfig.from_env(settings)
+    if conf.unusable:
+        return _unavailable(conf.unusable)
     dash = Flask("authsvc.api.dashboard", root_path=str(HERE), static_folder="static",
                  static_url_path="/static", template_folder="templates")
     dash.config.update(
@@ -104,6 +106,22 @@ def create_dashboard(parent: Flask, settings: Settings) -> Flask:
     dash.register_blueprint(views.bp)
     _hooks(dash)
     _errors(dash)
+    return dash
+
+
+def _unavailable(reason: str) -> Flask:
+    """A stand-in that answers 503 under /app/ when the dashboard may not run safely."""
+    log.error("dashboard disabled: %s", reason)
+    dash = Flask("authsvc.api.dashboard.disabled", static_folder=None)
+
+    @dash.route("/", defaults={"path": ""}, methods=["GET", "POST"])
+    @dash.route("/<path:path>", methods=["GET", "POST"])
+    def _off(path: str) -> Response:
+        resp = Response("The dashboard is not configured on this server.", status=503,
+                        mimetype="text/plain")
+        resp.headers.update({k: v for k, v in HEADERS.items()})
+        return resp
+
     return dash
 
 

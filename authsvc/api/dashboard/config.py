@@ -8,7 +8,8 @@
 
 Why a key file and not a key per process: `authsvc serve` runs several gunicorn workers and
 each builds its own app, so a key generated per process would make a cookie signed by one
-worker unreadable by the next. Production requires `AUTHSVC_SECRET_KEY` and a Secure cookie.
+worker unreadable by the next. Production requires `AUTHSVC_SECRET_KEY` and a Secure
+cookie; without them the API still starts but `/app/` answers 503 (the reason is logged).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class DashboardConfig:
     idle_seconds: int
     secret_key: str
     secure_cookie: bool
+    # why the dashboard must not serve (production without a key, or with an insecure
+    # cookie): the API still starts, /app/ answers 503 and the reason is logged
+    unusable: str | None = None
 
     @property
     def cookie_name(self) -> str:
@@ -61,11 +65,14 @@ class DashboardConfig:
             secure = not (url.scheme == "http" and (url.hostname or "") in LOOPBACK)
         key = env.get("AUTHSVC_SECRET_KEY", "")
         if settings.production:
+            unusable = None
             if len(key) < 32:
-                raise DashboardConfigError("AUTHSVC_SECRET_KEY (at least 32 characters) is "
-                                           "required in production")
-            if not secure:
-                raise DashboardConfigError("the dashboard cookie must be Secure in production")
+                unusable = "AUTHSVC_SECRET_KEY (at least 32 characters) is required in production"
+            elif not secure:
+                unusable = "the dashboard cookie must be Secure in production"
+            if unusable:
+                return cls(idle_seconds=idle, secret_key="", secure_cookie=True,
+                           unusable=unusable)
         if not key:
             key = _dev_key(Path(settings.var_dir))
         return cls(idle_seconds=idle, secret_key=key, secure_cookie=secure)
