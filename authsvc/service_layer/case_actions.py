@@ -261,6 +261,9 @@ def appeal(actor: Actor, conn: sa.Connection, case_id: str, body: dict) -> str:
                           lines=lines, actor=actor, level_of_care=body.get("level_of_care"),
                           reason=body.get("reason"),
                           urgency="expedited" if body["kind"] == "immediate" else case["urgency"])
+    if case["attention_reason"] == "denied_review":  # acted upon: the appeal carries it now
+        repo.update_case(conn, case_id, attention_reason=None, attention_since=None,
+                         updated_at=now)
     _timeline(conn, case, now, "case_appealed", actor, {"appeal_case_id": new_id, "kind": kind})
     _audit(conn, actor, case, now, "create", "appeal")
     refresh_order_status(conn, case["order_id"], now)

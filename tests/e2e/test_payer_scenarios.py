@@ -253,6 +253,7 @@ def test_upheld_appeal_leaves_the_order_denied(system, coordinator, billing):
     assert status == 201 and appeal["kind"] == "appeal_immediate"
     view = case_settles(coordinator, appeal["id"], "denied")
     assert view["needs_attention"]["reason"] == "denied_review"
+    assert case_view(coordinator, denied_id)["needs_attention"] is None  # one item, not two
     assert view["urgency"] == "expedited"
     assert view["lines"][0]["decision"]["denial_reason"]["code"] == "0F"
     _, _, final = coordinator.request("GET", f"/v1/orders/{order['id']}")

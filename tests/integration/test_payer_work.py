@@ -292,7 +292,8 @@ def test_upheld_appeal_keeps_the_order_denied_and_versions_the_feed(
     assert appeal["urgency"] == "expedited" and appeal["decision_due_at"] == \
         appeal["payer_received_at"] + dt.timedelta(hours=72)
     with svc.engine.connect() as conn:
-        assert repo.case_row(conn, denied_id)["state"] == "denied"
+        original = repo.case_row(conn, denied_id)
+        assert original["state"] == "denied" and original["attention_reason"] is None
         order = repo.order_row(conn, appeal["order_id"])
         feed = repo.outcomes_of_order(conn, appeal["order_id"])
     assert order["status"] == "denied"
