@@ -182,6 +182,27 @@ def test_spanish_ui_and_the_case_of_another_organization(system, page, org_token
     assert resp.status == 404
 
 
+def test_sign_in_with_the_keyboard_only(system, page, org_tokens):
+    page.goto(f"{system.api}/app/login")
+    assert _axe(page) == []
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to main content"
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")  # main → the first control inside it
+    while page.evaluate("document.activeElement.id") != "token":
+        page.keyboard.press("Tab")
+    page.keyboard.type(org_tokens["clinician"])
+    page.keyboard.press("Enter")
+    page.get_by_text("A clinician token cannot use the dashboard").wait_for()
+    page.get_by_label("API token").focus()
+    page.keyboard.type(org_tokens["coordinator"])
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r".*/app/$"))
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")  # skip link, then the first link of the header
+    assert page.evaluate("document.activeElement.tagName") in ("A", "BUTTON")
+
+
 def test_a_form_without_its_csrf_token_is_refused(system, page, org_tokens, seeded):
     _, case_id = seeded["expedited"]
     _sign_in(page, system.api, org_tokens["coordinator"])

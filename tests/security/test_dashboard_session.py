@@ -309,3 +309,23 @@ def test_the_dashboard_answers_503_when_it_may_not_run_safely():
     client = _unavailable("test").test_client()
     resp = client.get("/cases/x")
     assert resp.status_code == 503 and "not configured" in resp.get_data(as_text=True)
+
+
+def test_S4_a_form_sent_after_the_idle_timeout_asks_to_sign_in_again_and_does_nothing(
+        app, tokens, services):
+    import time_machine
+
+    client = app.test_client()
+    _, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    start = dt.datetime.now(dt.UTC)
+    with time_machine.travel(start, tick=False):
+        sign_in(client, tokens["org-a"]["coordinator"])
+        form = csrf_of(client.get(f"/app/cases/{case_id}").get_data(as_text=True))
+    with time_machine.travel(start + dt.timedelta(seconds=IDLE + 30), tick=False):
+        resp = client.post(f"/app/cases/{case_id}/notes",
+                           data={"text": "typed before lunch", "csrf_token": form})
+        assert resp.status_code == 303
+        assert "notice=session_expired" in resp.headers["Location"]
+    sign_in(client, tokens["org-a"]["coordinator"])
+    assert "typed before lunch" not in client.get(f"/app/cases/{case_id}").get_data(
+        as_text=True)

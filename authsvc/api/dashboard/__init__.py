@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -101,10 +102,10 @@ def create_dashboard(parent: Flask, settings: Settings) -> Flask:
         if name in parent.extensions:
             dash.extensions[name] = parent.extensions[name]
     dash.session_interface = DashboardSessions()
+    _hooks(dash)  # before CSRFProtect: the request id and language exist for its refusals
     CSRFProtect(dash)
     dash.jinja_env.autoescape = True
     dash.register_blueprint(views.bp)
-    _hooks(dash)
     _errors(dash)
     return dash
 
@@ -135,9 +136,11 @@ def mount(app: Flask, settings: Settings) -> Flask:
 
 def _hooks(dash: Flask) -> None:
     from authsvc.adapters.db import audit
+    from authsvc.api import metrics
 
     @dash.before_request
     def _begin() -> None:
+        g.started = time.perf_counter()
         audit.forget_request()
         rid = request.headers.get("X-Request-Id")
         g.request_id = rid if rid and REQUEST_ID_RE.fullmatch(rid) else uuid.uuid4().hex
@@ -164,6 +167,11 @@ def _hooks(dash: Flask) -> None:
             session.permanent = True  # every dashboard cookie expires with the idle window
         if request.endpoint != "static":
             _audit(resp)
+        started = g.get("started")
+        if started is not None:
+            rule = request.url_rule.rule if request.url_rule else "unmatched"
+            metrics.observe(request.method, PREFIX + rule, resp.status_code,
+                            time.perf_counter() - started)
         return resp
 
 
@@ -240,6 +248,12 @@ def _errors(dash: Flask) -> None:
 
     @dash.errorhandler(CSRFError)
     def _csrf(exc: CSRFError):  # type: ignore[no-untyped-def]
+        from authsvc.api.dashboard.views import MARKER, _to_login
+
+        if request.endpoint != "dashboard.login" and not session.get("tid"):
+            # the session ended (its CSRF token with it): say so, not "forged form"
+            ended = request.cookies.get(MARKER) == "1"
+            return _to_login("session_expired" if ended else "sign_in_required")
         g.deny_reason = "csrf_refused"
         return _page(400, t("error_csrf"))
 
