@@ -131,6 +131,8 @@ def test_coordinator_works_a_case_from_the_worklist_to_an_approval(
     page.get_by_text("Decision recorded.").wait_for()
     assert page.locator("#case-state").inner_text() == "Approved"
     assert "AUTH-PHONE-1" in page.locator("#decisions").inner_text()
+    assert "Decided 20" in page.locator("dl.facts").first.inner_text()  # no longer "overdue"
+    page.screenshot(path=str(artifacts / "case.png"), full_page=True)
 
     # the JSON API sees the order approved, with the auth number the coordinator entered
     status, _, order = coordinator_api.request("GET", f"/v1/orders/{order_id}")
@@ -167,13 +169,15 @@ def test_the_worklist_refreshes_itself_every_30_s_and_keeps_the_filters(
     assert page.locator("table.worklist tbody tr").count() == 1  # still filtered
 
 
-def test_spanish_ui_and_the_case_of_another_organization(system, page, org_tokens, seeded):
+def test_spanish_ui_and_the_case_of_another_organization(system, page, org_tokens, seeded,
+                                                          artifacts):
     _sign_in(page, system.api, org_tokens["admin"])
     page.goto(f"{system.api}/app/?lang=es")
     assert page.locator("h1").inner_text() == "Lista de trabajo"
     assert page.locator("html").get_attribute("lang") == "es"
     page.goto(f"{system.api}/app/metrics")  # the choice is remembered
     assert page.locator("h1").inner_text() == "Métricas de autorización previa"
+    page.screenshot(path=str(artifacts / "metrics-es.png"), full_page=True)
     assert _axe(page) == []
     other = system.token(f"other-{uuid.uuid4().hex[:4]}", "coordinator")
     page.context.clear_cookies()

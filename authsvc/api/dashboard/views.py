@@ -325,7 +325,8 @@ def _render_case(case_id: str, status: int = 200, error: str | None = None) -> A
     now = clock.now()
     return render_template(
         "case.html", case=case, order=order, error=error,
-        time_left=time_left(case["decision_due_at"], now),
+        time_left=(_t("decided", time=_when(case["decided_at"])) if cs.is_final(case["state"])
+                   else time_left(case["decision_due_at"], now)),
         can_decide=case["state"] in case_actions.DECISION_STATES,
         can_appeal=case["state"] in case_actions.APPEALABLE,
         can_cancel=cs.is_open(case["state"]) or case["state"] in cs.AUTHORIZED,
