@@ -1,12 +1,20 @@
-"""The billing feed: one append-only row per line decision or change, versioned per line."""
+"""The billing feed: one append-only row per line decision or change, versioned per line.
+
+Writers (`emit`) take `repo.lock_outcome_feed` so positions are assigned in commit order;
+readers (`feed_page`) return the rows after a position in position order, so a consumer
+that stores the last cursor never misses or double-counts an outcome.
+"""
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
+import json
 
 import sqlalchemy as sa
 
 from authsvc.adapters.db import repo
+from authsvc.adapters.db import tables as t
 from authsvc.domain import ids
 
 #: payer review action → feed outcome
@@ -54,3 +62,70 @@ def emit_case_decision(conn: sa.Connection, order: dict, case: dict, lines: list
              valid_from=line["valid_from"], valid_to=line["valid_to"],
              denial_code=line["denial_code"] if outcome == "denied" else None,
              denial_text=line["denial_text"] if outcome == "denied" else None)
+
+
+# ------------------------------------------------------------------ the feed (GET /v1/outcomes)
+
+_o = t.outcomes
+#: one statement built once: the same query as `repo.outcomes_after` (org, position > cursor,
+#: position order, limit), selecting only the columns a feed item shows, as plain tuples.
+_FEED = (sa.select(_o.c.position, _o.c.id, _o.c.order_id, _o.c.case_id, _o.c.sequence,
+                   _o.c.code, _o.c.outcome, _o.c.auth_number, _o.c.authorized_quantity,
+                   _o.c.valid_from, _o.c.valid_to, _o.c.denial_code, _o.c.denial_text,
+                   _o.c.payer_id, _o.c.decided_at, _o.c.version)
+         .where(_o.c.org_id == sa.bindparam("org_id"),
+                _o.c.position > sa.bindparam("position"))
+         .order_by(_o.c.position).limit(sa.bindparam("limit")))
+_ZERO = dt.timedelta(0)
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def cursor_for(position: int) -> str:
+    """The opaque cursor of a feed position: byte for byte `views.encode_cursor({"p": n})`."""
+    return (binascii.b2a_base64(b'{"p":%d}' % position, newline=False).translate(_URLSAFE)
+            .rstrip(b"=").decode())
+
+
+def _iso(value: dt.datetime) -> str:
+    """`clock.isoformat` without the conversion when the value is already UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    elif value.utcoffset() != _ZERO:
+        value = value.astimezone(dt.UTC)
+    return value.isoformat()[:-6] + "Z"
+
+
+def feed_page(conn: sa.Connection, org_id: str, after: str | None, limit: int) -> dict:
+    """`views.outcome_feed`, made cheap per item (the feed is read in bulk by billing).
+
+    Same rows in the same order and the same item shapes as `views.outcome_item`; raises
+    `views.BadCursor` for a cursor this service did not issue.
+    """
+    from authsvc.service_layer.views import BadCursor, decode_cursor
+
+    position = 0
+    if after:
+        data = decode_cursor(after)
+        if not isinstance(data, dict) or type(data.get("p")) is not int:
+            raise BadCursor("unreadable cursor")
+        position = data["p"]
+    rows = conn.execute(_FEED, {"org_id": org_id, "position": position, "limit": limit}).all()
+    items = [{
+        "id": oid, "cursor": cursor_for(pos), "order_id": order_id, "case_id": case_id,
+        "sequence": sequence, "code": code, "outcome": outcome, "auth_number": auth_number,
+        "authorized_quantity": quantity,
+        "valid_from": valid_from.isoformat() if valid_from is not None else None,
+        "valid_to": valid_to.isoformat() if valid_to is not None else None,
+        "denial_reason": ({"code": denial_code, "text": denial_text}
+                          if denial_code or denial_text else None),
+        "payer_id": payer_id, "decided_at": _iso(decided_at), "version": version,
+    } for (pos, oid, order_id, case_id, sequence, code, outcome, auth_number, quantity,
+           valid_from, valid_to, denial_code, denial_text, payer_id, decided_at, version)
+        in rows]
+    next_cursor = items[-1]["cursor"] if items else (after or cursor_for(0))
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def feed_page_json(conn: sa.Connection, org_id: str, after: str | None, limit: int) -> str:
+    """The page as compact JSON text (the route's body, without Flask's sorted re-encoding)."""
+    return json.dumps(feed_page(conn, org_id, after, limit), separators=(",", ":"))

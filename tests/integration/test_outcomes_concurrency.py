@@ -1,10 +1,12 @@
 """The billing feed on PostgreSQL under concurrent writers: a consumer that stores its cursor
 never misses (or double-counts) an outcome, even when transactions would commit out of
 position order. The advisory lock in `repo.lock_outcome_feed` is what makes it so; a control
-run without it shows the gap the lock prevents."""
+run without it shows the gap the lock prevents. (The races need PostgreSQL; the last two
+tests, the route's fast read path against the read model and its audit row, run on both.)"""
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import threading
 import time
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.integration
 ORG = "org-a"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture()
 def _postgres_only(services):
     if services.engine.dialect.name != "postgresql":
         pytest.skip("commit-order races need PostgreSQL (SQLite serializes writers)")
@@ -47,8 +49,9 @@ def _tail(services) -> int:
 
 
 def _read(services, cursor: str | None) -> tuple[list[dict], str]:
+    """A page as `GET /v1/outcomes` reads it (`outcomes.feed_page`, the route's fast path)."""
     with services.engine.connect() as conn:
-        page = views.outcome_feed(conn, ORG, cursor, 200)
+        page = outcomes.feed_page(conn, ORG, cursor, 200)
     return page["items"], page["next_cursor"]
 
 
@@ -64,6 +67,7 @@ def _write(services, order: dict, sequence: int, hold: float, *, lock: bool,
         time.sleep(hold)
 
 
+@pytest.mark.usefixtures("_postgres_only")
 def test_without_the_lock_a_stored_cursor_would_skip_a_row(services, order):
     """Control: the race is real. A takes a smaller position but commits after B."""
     start = views.encode_cursor({"p": _tail(services)})
@@ -82,6 +86,7 @@ def test_without_the_lock_a_stored_cursor_would_skip_a_row(services, order):
     assert sorted(i["sequence"] for i in everything) == [101, 102]
 
 
+@pytest.mark.usefixtures("_postgres_only")
 def test_with_the_lock_the_later_writer_waits_and_nothing_is_skipped(services, order):
     start = views.encode_cursor({"p": _tail(services)})
     a_in = threading.Event()
@@ -100,6 +105,7 @@ def test_with_the_lock_the_later_writer_waits_and_nothing_is_skipped(services, o
     assert [i["sequence"] for i in rest] == [201, 202]
 
 
+@pytest.mark.usefixtures("_postgres_only")
 def test_concurrent_writers_and_a_polling_consumer_see_each_outcome_once(services, order):
     start = views.encode_cursor({"p": _tail(services)})
     writers, per_writer = 4, 12
@@ -135,6 +141,7 @@ def test_concurrent_writers_and_a_polling_consumer_see_each_outcome_once(service
     assert set(consumed) == {i["id"] for i in everything}
 
 
+@pytest.mark.usefixtures("_postgres_only")
 def test_the_feed_over_http_after_concurrent_writes(client, tokens, services, order):
     threads = [threading.Thread(target=_write, args=(services, order, 3000 + i, 0.01),
                                 kwargs={"lock": True}) for i in range(6)]
@@ -154,3 +161,53 @@ def test_the_feed_over_http_after_concurrent_writes(client, tokens, services, or
     mine = [i for i in items if i["order_id"] == order["id"] and i["sequence"] >= 3000]
     assert sorted(i["sequence"] for i in mine) == list(range(3000, 3006))
     assert len({i["id"] for i in items}) == len(items)
+
+
+def test_the_fast_feed_is_the_read_model_item_for_item(client, tokens, services, order):
+    """`feed_page` (the route) shows exactly what `views.outcome_item` shows, for every kind
+    of outcome: denial reasons, missing dates and quantities, cursors byte for byte."""
+    start = views.encode_cursor({"p": _tail(services)})
+    day = dt.date(2026, 12, 1)
+    with services.engine.begin() as conn:
+        repo.lock_outcome_feed(conn)
+        for seq, kind, extra in (
+                (4001, "approved", {"auth_number": "A-1", "authorized_quantity": 2,
+                                    "valid_from": day, "valid_to": day}),
+                (4002, "denied", {"denial_code": "0F", "denial_text": "Not medically necessary"}),
+                (4003, "no_auth_required", {}),
+                (4004, "cancelled", {"auth_number": "A-4"}),
+                (4005, "denied", {"denial_text": "text only"})):
+            outcomes.emit(conn, order=order, case_id=None, sequence=seq, code="72148",
+                          outcome=kind, decided_at=clock.now(), **extra)
+    with services.engine.connect() as conn:
+        fast = outcomes.feed_page(conn, ORG, start, 200)
+        model = views.outcome_feed(conn, ORG, start, 200)
+        empty = outcomes.feed_page(conn, ORG, fast["next_cursor"], 200)
+    assert [i["sequence"] for i in fast["items"]] == [4001, 4002, 4003, 4004, 4005]
+    assert fast == model
+    assert fast["items"][1]["denial_reason"] == {"code": "0F",
+                                                "text": "Not medically necessary"}
+    assert fast["items"][0]["decided_at"].endswith("Z")
+    assert empty == {"items": [], "next_cursor": fast["next_cursor"]}
+    token = tokens[ORG]["billing"]
+    resp = client.get(f"/v1/outcomes?after={start}", headers=auth(token))
+    assert resp.status_code == 200 and resp.mimetype == "application/json"
+    assert resp.get_json() == model
+    for bad in ("%%%", views.encode_cursor({"p": "1"}), views.encode_cursor([1])):
+        resp = client.get(f"/v1/outcomes?after={bad}", headers=auth(token))
+        assert resp.status_code == 400 and resp.mimetype == "application/problem+json"
+
+
+def test_one_audit_row_per_feed_page(client, tokens, services):
+    """The route audits the page in its own transaction; the generic hook adds nothing."""
+    import uuid as _uuid
+
+    rid = _uuid.uuid4().hex
+    resp = client.get("/v1/outcomes?limit=5", headers=auth(tokens[ORG]["billing"],
+                                                           **{"X-Request-Id": rid}))
+    assert resp.status_code == 200
+    a = t.audit_events
+    with services.engine.connect() as conn:
+        rows = conn.execute(sa.select(a.c.action, a.c.entity_type, a.c.outcome, a.c.org_id,
+                                      a.c.role).where(a.c.request_id == rid)).all()
+    assert [tuple(r) for r in rows] == [("search", "outcome", "success", ORG, "billing")]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from flask import Response, current_app, g, jsonify, request
+from flask import Response, current_app, g, request
 from flask_smorest import Blueprint
 
+from authsvc.adapters.db import repo
 from authsvc.api.auth import requires
 from authsvc.api.errors import ApiProblem
 from authsvc.api.request_body import limit_arg
-from authsvc.service_layer import views
+from authsvc.domain import clock
+from authsvc.service_layer import outcomes, views
 
 blp = Blueprint("outcomes", __name__, url_prefix="/v1/outcomes",
                 description="Approval outcomes for billing systems")
@@ -24,9 +26,17 @@ ROLES = ("billing", "admin")
 def list_outcomes() -> Response:
     """Outcomes after a cursor; store `next_cursor` and never miss or double-count one."""
     limit = limit_arg()
+    actor = g.actor
     try:
-        with current_app.extensions["authsvc"].engine.connect() as conn:
-            page = views.outcome_feed(conn, g.actor.org_id, request.args.get("after"), limit)
+        # One transaction for the page and its audit row (the generic per-request audit
+        # would open a second one): billing pages through the feed in bulk.
+        with current_app.extensions["authsvc"].engine.begin() as conn:
+            body = outcomes.feed_page_json(conn, actor.org_id, request.args.get("after"),
+                                           limit)
+            repo.add_audit(conn, at=clock.now(), org_id=actor.org_id, token_id=actor.token_id,
+                           role=actor.role, action="search", entity_type="outcome",
+                           outcome="success", request_id=actor.request_id,
+                           source_ip=actor.source_ip)
     except views.BadCursor:
         raise ApiProblem(400, "The cursor is not readable.") from None
-    return jsonify(page)
+    return Response(body, status=200, mimetype="application/json")
