@@ -57,6 +57,8 @@ def test_bad_decision_input_is_named_on_the_page(app, coordinator, services, tok
     assert resp.status_code == 422
     text = resp.get_data(as_text=True)
     assert "Not done. Please correct:" in text and expected in text
+    if "outcome_1" in form:  # what was typed is still in the form, to correct
+        assert f'<option value="{form["outcome_1"]}" selected>' in text
     page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
     assert 'id="case-state">Pended<' in page  # nothing changed
 
@@ -174,3 +176,13 @@ def test_pages_carry_a_strict_content_security_policy(app, coordinator):
     with coordinator.get("/app/static/dashboard.js") as js:
         assert js.status_code == 200 and "X-Dashboard-Poll" in js.get_data(as_text=True)
     assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_what_people_type_is_shown_as_text_never_as_markup(app, coordinator, services, tokens):
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    resp = coordinator.post(f"/app/cases/{case_id}/notes", data={
+        "csrf_token": _csrf(coordinator), "text": "<script>alert('x')</script> & <b>bold</b>"})
+    assert resp.status_code == 303
+    page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+    assert "<script>alert" not in page
