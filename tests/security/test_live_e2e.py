@@ -358,3 +358,52 @@ def test_B14_schemathesis_bounded_run_finds_nothing_new(live, tmp_path):
     assert tested >= 10, out[-3000:]
     new = sorted(f for f in found if f not in KNOWN)
     assert new == [], f"seed {seed}; report in {tmp_path}\n" + out[-4000:]
+
+
+def test_S7_live_registration_refused_and_send_time_recheck_by_the_worker(live, services):
+    """S7 on the real processes: gunicorn refuses hostile subscription URLs (422, nothing
+    stored); a subscription stored earlier for a loopback URL (say, under an older allowlist)
+    is refused again when the worker sends the outcome webhook, and its target sees no
+    connection."""
+    from authsvc.adapters.db import repo_cases as rc
+    from authsvc.domain import ids
+    from tests.conftest import order_body
+    from tests.security.test_ssrf_tls import HOSTILE
+
+    system, _ = live
+    billing = Http(system.api, system.token("ssrf-live", "billing"))
+    for url in HOSTILE[:10]:
+        status, _, body = billing.request("POST", "/v1/subscriptions", {
+            "url": url, "events": ["outcome.created"]}, {"Idempotency-Key": uuid.uuid4().hex})
+        assert status == 422 and body["errors"][0]["field"] == "url", (url, status, body)
+    victim = socket.socket()
+    victim.bind(("127.0.0.1", 0))
+    victim.listen(4)
+    victim.settimeout(0.5)
+    sub_id = ids.new_id("sub")
+    try:
+        with services.engine.begin() as conn:
+            rc.insert_subscription(conn, {
+                "id": sub_id, "org_id": "ssrf-live", "events": ["outcome.created"],
+                "url": f"http://127.0.0.1:{victim.getsockname()[1]}/hook",
+                "secret": "whsec_" + "QUFB" * 8, "created_at": dt.datetime.now(dt.UTC)})
+        clin = Http(system.api, system.token("ssrf-live", "clinician"))
+        status, _, order = clin.request("POST", "/v1/orders", order_body(
+            f"SIM-APPROVE-{uuid.uuid4().hex[:8].upper()}"), {"Idempotency-Key": uuid.uuid4().hex})
+        assert status == 201, order
+        d = t.webhook_deliveries
+
+        def refused():  # type: ignore[no-untyped-def]
+            with services.engine.connect() as conn:
+                return conn.execute(sa.select(d.c.last_error).where(
+                    d.c.subscription_id == sub_id, d.c.last_error.is_not(None))).scalar()
+
+        assert wait_for(refused, timeout=60).startswith("refused")
+        with pytest.raises(TimeoutError):
+            victim.accept()
+        with services.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(
+                t.webhook_subscriptions).where(t.webhook_subscriptions.c.org_id ==
+                                                "ssrf-live")).scalar() == 1
+    finally:
+        victim.close()
