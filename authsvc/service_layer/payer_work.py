@@ -214,8 +214,7 @@ def submit_case(services: Services, case_id: str) -> None:
                 conn, case_id, (cs.READY_TO_SUBMIT, cs.SUBMITTING), cs.SUBMITTING, now,
                 _lease(services), due_column="next_attempt_at"):
             return
-        case = repo.case_row(conn, case_id)
-        assert case is not None
+        case = before  # the claim changed only state, lease and counters: nothing read below
         update = bool(case["update_pending"])
         claim = build_claim(conn, case, unsent_attachments_only=update)
         # A lease left behind means the previous attempt died mid-call: it may have reached
