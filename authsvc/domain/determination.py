@@ -146,3 +146,18 @@ def for_member_not_found(d: Determination) -> Determination:
         expiry_date=None,
         reasons=(Reason("no-member-found", "The payer could not find this member"),),
     )
+
+
+#: Eligibility answers that re-determine every line of the order (scenarios 2 and 3).
+REDETERMINING = {"inactive": for_inactive_coverage, "member_not_found": for_member_not_found}
+
+
+def after_eligibility(d: Determination, status: str) -> Determination:
+    """A line's determination once the payer answered eligibility for the date of service.
+
+    Inactive coverage and an unknown member replace the rules' answer; `active` (whatever
+    the payer's "auth required" flag says: a payer rule overrides that signal, pitfalls)
+    and `error` (the order waits for a coordinator) leave it as the rules gave it.
+    """
+    redo = REDETERMINING.get(status)
+    return redo(d) if redo else d

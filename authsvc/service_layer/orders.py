@@ -18,10 +18,10 @@ from authsvc.domain import cases as cs
 from authsvc.domain import clock, ids
 from authsvc.domain.determination import (
     NOT_SENT_PA,
+    REDETERMINING,
     SENT_PA,
     Determination,
-    for_inactive_coverage,
-    for_member_not_found,
+    after_eligibility,
 )
 from authsvc.domain.errors import NotFound, StateConflict
 from authsvc.domain.orders import DECIDED, LineFacts, OrderFacts, needs_eligibility
@@ -205,10 +205,9 @@ def apply_eligibility(services: Services, conn: sa.Connection, check: dict, stat
         open_cases(services, conn, {**order, "eligibility_status": status}, now,
                    Actor(org_id=order["org_id"], role="system"))
         return
-    if status in ("inactive", "member_not_found"):
-        redo = for_inactive_coverage if status == "inactive" else for_member_not_found
+    if status in REDETERMINING:
         for line in repo.order_lines(conn, order["id"]):
-            det = redo(Determination.from_record(line["determination"]))
+            det = after_eligibility(Determination.from_record(line["determination"]), status)
             repo.set_line_determination(conn, order["id"], line["sequence"], det.to_record())
         repo.update_order(conn, order["id"], status="coverage_problem",
                           attention_reason="coverage_problem", attention_since=now)

@@ -178,3 +178,19 @@ def comparable(d: Determination) -> dict[str, Any]:
         (r.code, r.text if r.code == "policy" else None) for r in d.reasons
     ]
     return record
+
+
+def after_eligibility(d: Determination, status: str) -> dict[str, Any]:
+    """What domain.md §4 says a line looks like once eligibility answered (scenarios 1–3),
+    written from the text, as the fields a clinician sees: `covered`, `pa_needed`, the reason
+    codes, and whether the line can still go to the payer."""
+    if status == "inactive":  # scenario 2: not covered, no pa_needed (crd-ci-q2)
+        return {"covered": "not-covered", "pa_needed": None,
+                "reason_codes": ["no-active-coverage"], "sent": False}
+    if status == "member_not_found":  # scenario 3: correct the member id and resubmit
+        return {"covered": "indeterminate", "pa_needed": None,
+                "reason_codes": ["no-member-found"], "sent": False}
+    # active (the "auth required" flag is only a signal) and error: the rules' answer stands
+    return {"covered": d.covered, "pa_needed": d.pa_needed,
+            "reason_codes": [r.code for r in d.reasons],
+            "sent": d.pa_needed in ("auth-needed", "conditional")}

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from authsvc.adapters.policies import load_documents
 from authsvc.adapters.rules_engine import RulesEngine
+from authsvc.domain.determination import after_eligibility, check_invariants
 from authsvc.domain.orders import LineFacts, OrderFacts
+from tests.unit.reference_evaluator import after_eligibility as reference_after
 from tests.unit.reference_evaluator import comparable, evaluate
 
 CODES = {
@@ -170,3 +172,28 @@ def test_engine_agrees_with_reference(docs, orders):
         assert cold == expected, (o, texts)
         warm = [comparable(d) for d in engine.determine(o)]  # from the memo now
         assert warm == expected
+
+
+ELIGIBILITY = st.sampled_from(["active", "inactive", "member_not_found", "error"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=documents(), orders=st.lists(order(), min_size=1, max_size=4),
+       results=st.lists(ELIGIBILITY, min_size=4, max_size=4))
+def test_lines_after_random_eligibility_results_follow_the_scenarios(docs, orders, results):
+    """Rules, then a random eligibility answer: every line ends as domain.md §4 says, keeps
+    the CRD invariants, and no line of an order without active coverage goes to the payer."""
+    texts = {name: yaml.safe_dump(doc, sort_keys=False) for name, doc in docs}
+    engine = RulesEngine(load_documents(texts))
+    for o, status in zip(orders, results, strict=False):
+        final = [after_eligibility(d, status) for d in engine.determine(o)]
+        raw = [doc for _, doc in sorted(docs, key=lambda x: x[0])]
+        expected = [reference_after(d, status) for d in evaluate(raw, o)]
+        seen = [{"covered": d.covered, "pa_needed": d.pa_needed,
+                 "reason_codes": [r.code for r in d.reasons], "sent": d.sent_to_payer}
+                for d in final]
+        assert seen == expected, (o, status, texts)
+        for d in final:
+            check_invariants(d)
+            if status in ("inactive", "member_not_found"):
+                assert not d.needs_no_auth and d.satisfied_pa_id is None
