@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -205,13 +206,17 @@ class PolicyIndex:
     _pair_set_count: int
     _cards_by_npi: Mapping[str, CodeIndex]
 
-    @property
+    @functools.cached_property
     def ruleset_version(self) -> str:
         return f"{self.payer_id}@{self.version}"
 
     @property
     def pair_set_count(self) -> int:
         return self._pair_set_count
+
+    def candidate_indexes(self, code_system: str, code: str) -> tuple[int, ...]:
+        """Indexes of the policies naming the code, sorted (file order)."""
+        return self._codes.lookup(code_system, code)
 
     def candidates(self, code_system: str, code: str) -> tuple[Policy, ...]:
         """Policies naming the code, in file order."""

@@ -7,6 +7,8 @@ the order validator uses (CPT and HCPCS by format only: the code lists are licen
 
 from __future__ import annotations
 
+import functools
+
 from authsvc.domain.codes import procedure_code_format_ok
 
 CODE_SYSTEMS = ("CPT", "HCPCS")
@@ -20,6 +22,7 @@ def code_format_ok(system: str, code: str) -> bool:
     return procedure_code_format_ok(system, code)
 
 
+@functools.lru_cache(maxsize=65_536)
 def code_key(system: str, code: str) -> tuple[str, int] | None:
     """Map a well-formed code to (class, number) so that ranges compare as integers.
 
