@@ -682,3 +682,47 @@ def test_load_documents_matches_files(tmp_path):
                               for name in ("demo.yaml", "medicare.yaml")})
     assert json.dumps(ruleset.versions(), sort_keys=True) == json.dumps(
         RulesEngine.from_directory(RULES_DIR).versions(), sort_keys=True)
+
+
+def test_direct_driver_fires_what_durable_rules_own_host_fires():
+    """The adapter runs fired rules through durable-rules' C protocol itself; the library's
+    own Host, running the same definition's actions, must record the same decisions and
+    cross-line pairs (guards the shortcut against a durable-rules upgrade)."""
+    from durable import engine as durable_engine
+
+    facts = [
+        {"id": "l0", "t": "line", "i": 0, "applies": True, "named": True, "pa": "auth-needed",
+         "gold": False, "dflt": "conditional"},
+        {"id": "l1", "t": "line", "i": 1, "applies": False, "named": True, "pa": "",
+         "gold": False, "dflt": "conditional"},
+        {"id": "l2", "t": "line", "i": 2, "applies": False, "named": False, "pa": "",
+         "gold": True, "dflt": "conditional"},
+        {"id": "l3", "t": "line", "i": 3, "applies": True, "named": True, "pa": "conditional",
+         "gold": True, "dflt": "no-auth"},
+        {"id": "n0", "t": "need", "i": 0, "pol": 7, "set": 1},
+        {"id": "n1", "t": "need", "i": 2, "pol": 8, "set": 2},
+        {"id": "h0", "t": "has", "i": 1, "set": 1},
+        {"id": "h1", "t": "has", "i": 2, "set": 2},  # same line as its need: no pair
+    ]
+
+    class Host(durable_engine.Host):
+        def _run(self) -> None:
+            return None
+
+    def run(direct: bool) -> tuple[list, set]:
+        sink = rules_engine_module._Sink()
+        host = Host()
+        name = f"cmp-{'direct' if direct else 'host'}"
+        host.register_rulesets({name: rules_engine_module._ruleset_definition(sink)})
+        batch = [{**f, "sid": "s1"} for f in facts]
+        if direct:
+            handle = host.get_ruleset(name)._handle
+            rules_engine_module._assert_facts(handle, batch, sink)
+        else:
+            host.assert_facts(name, batch)
+        return sorted(sink.decisions), set(sink.pairs)
+
+    direct, hosted = run(True), run(False)
+    assert direct == hosted
+    assert direct == ([(0, "policy-auth-needed"), (1, "conditions-not-met"),
+                       (2, "no-policy-gold-card"), (3, "policy-gold-card")], {(0, 7)})
