@@ -15,6 +15,10 @@ One run, one process, one core for the engine figures:
   - **reference**: the plain-Python reference evaluator of the tests on the same orders;
   - **mismatches**: engine vs reference on random orders (must be 0);
 
+  Rates are CPU seconds of this one process (best of three interleaved rounds), every
+  count's orders are built before any policy is loaded, and all four engines are measured
+  in alternation on the same heap (see ``engine_figures`` for why);
+
 * **ceiling**: bare durable-rules ``assert_fact`` calls per second into a 10-rule ruleset
   (one session of 1,000 facts at a time, deleted after): what the C engine does with no
   authsvc code around it;
