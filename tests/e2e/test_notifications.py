@@ -1,9 +1,13 @@
 """Notifications end to end on the real processes, a real SMTP server (aiosmtpd, started here)
-and the HTTP SMS sink: the right people hear once, in their language, on their channel."""
+and the HTTP SMS sink: the right people hear once, in their language, on their channel; a
+STOP reply and an unsubscribe link silence them (visibly); the worker's counters show in the
+API's /metrics (one PROMETHEUS_MULTIPROC_DIR for every process)."""
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -15,6 +19,7 @@ from tests.e2e.harness import Http, System, wait_for
 pytestmark = pytest.mark.e2e
 ORG = "e2e-notify"
 OFFICE = "office@valley.example"
+SMS_TOKEN = "e2e-sms-auth-token"  # noqa: S105 - the gateway's auth token in this test
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +33,43 @@ def sinks():
 
 
 @pytest.fixture(scope="module")
-def system(database_url, redis_url, tmp_path_factory, sinks):
-    sysm = System(database_url, redis_url, tmp_path_factory.mktemp("e2e-notify"), extra_env={
+def own_database(database_url, tmp_path_factory):
+    """A database of this module's own: every notification in it is sent by the system's
+    worker (never by the test process), so /metrics can be compared with it exactly."""
+    import secrets
+
+    import sqlalchemy as sa
+
+    from authsvc.adapters.db.engine import upgrade
+
+    if not database_url.startswith("postgresql"):
+        url = f"sqlite:///{tmp_path_factory.mktemp('e2e-notify-db') / 'notify.db'}"
+        upgrade(url)
+        yield url
+        return
+    name = f"authsvc_ntf_{secrets.token_hex(4)}"
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = database_url.rsplit("/", 1)[0] + "/" + name
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def system(own_database, redis_url, tmp_path_factory, sinks):
+    logdir = tmp_path_factory.mktemp("e2e-notify")
+    (logdir / "metrics").mkdir()
+    sysm = System(own_database, redis_url, logdir, extra_env={
         "AUTHSVC_TESTING": "1", "AUTHSVC_SMTP_URL": sinks["smtp"].url,
-        "AUTHSVC_SMS_URL": sinks["sms"].url})
+        "AUTHSVC_SMS_URL": sinks["sms"].url, "AUTHSVC_SMS_AUTH_TOKEN": SMS_TOKEN,
+        "PROMETHEUS_MULTIPROC_DIR": str(logdir / "metrics")})
+    # the sink plays the patient's phone: its replies go to the API, signed like Twilio's
+    sinks["sms"].inbound_url = f"{sysm.api}/v1/notifications/sms-inbound"
+    sinks["sms"].auth_token = SMS_TOKEN
     try:
         yield sysm.up()
     finally:
@@ -196,3 +234,107 @@ def test_smtp_down_for_a_while_delivers_once_after_it_returns(system, clinician,
             "Good news: the health plan said yes", "We got the request for the patient's care"]
     finally:
         back.stop()
+
+
+def live_smtp(sinks) -> SmtpSink:  # type: ignore[no-untyped-def]
+    """The SMTP sink, started again on its port if an earlier test left it stopped."""
+    if sinks["smtp"]._controller is None:
+        sinks["smtp"] = SmtpSink(port=sinks["smtp"].port).start()
+    return sinks["smtp"]
+
+
+def test_stop_reply_and_unsubscribe_link_silence_the_next_messages(system, clinician, admin,
+                                                                   sinks):
+    """Through the real API: the phone replies STOP (signed by the gateway), the caregiver
+    uses the email's one-click List-Unsubscribe; the next decision reaches the office only,
+    and the family rows say `suppressed` / `opted_out` instead of vanishing."""
+    smtp, sms = live_smtp(sinks), sinks["sms"]
+    tag = uuid.uuid4().hex[:8]
+    phone, mail, contacts = people(tag)
+    first = submit(clinician, f"SIM-APPROVE-{tag.upper()}", contacts)
+    settled(admin, first["id"], {"received", "approved"})
+    [received] = [m for m in smtp.received() if m["to"] == [mail] and "We got" in m["subject"]]
+    assert received["list_unsubscribe_post"] == "List-Unsubscribe=One-Click"
+    link = received["list_unsubscribe"].strip("<>")
+    assert link.startswith(f"{system.api}/v1/notifications/unsubscribe?token=")
+
+    assert sms.reply(phone, "STOP")[0] == 200
+    req = urllib.request.Request(link, data=b"List-Unsubscribe=One-Click", method="POST",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - the test's own API
+        assert resp.status == 200
+    texts, emails = len([m for m in sms.received() if m["to"] == phone]), len(
+        [m for m in smtp.received() if m["to"] == [mail]])
+
+    second = submit(clinician, f"SIM-DENY-{tag.upper()}", contacts)
+    items = settled(admin, second["id"], {"received", "denied"})
+    assert {(i["event"], i["audience"], i["channel"], i["status"]) for i in items} == {
+        ("received", "patient", "sms", "suppressed"),
+        ("received", "caregiver", "email", "suppressed"),
+        ("denied", "patient", "sms", "suppressed"),
+        ("denied", "caregiver", "email", "suppressed"),
+        ("denied", "provider", "email", "sent")}
+    assert {i["last_error"] for i in items if i["status"] == "suppressed"} == {"opted_out"}
+    time.sleep(1)
+    assert len([m for m in sms.received() if m["to"] == phone]) == texts
+    assert len([m for m in smtp.received() if m["to"] == [mail]]) == emails
+    _, _, view = clinician.request("GET", f"/v1/orders/{second['id']}")
+    shown = [e["detail"] for e in view["timeline"] if e["event"] == "notification_suppressed"]
+    assert len(shown) == 4 and {d["reason"] for d in shown} == {"opted_out"}
+    assert phone not in str(view) and mail not in str(view)
+
+    assert sms.reply(phone, "START")[0] == 200  # the phone opts back in
+    third = submit(clinician, f"SIM-APPROVE-{uuid.uuid4().hex[:8].upper()}", contacts[:1])
+    items = settled(admin, third["id"], {"received", "approved"})
+    assert {i["status"] for i in items if i["channel"] == "sms"} == {"sent"}
+
+
+METRIC_RE = re.compile(r'^(authsvc_notification\w*)\{([^}]*)\} ([0-9.e+]+)$')
+
+
+def _metrics(system) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"{system.api}/metrics", timeout=10) as resp:  # noqa: S310
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        m = METRIC_RE.match(line)
+        if m:
+            labels = tuple(sorted(tuple(kv.split("=", 1)) for kv in m.group(2).split(",")))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def test_worker_counters_show_in_the_api_metrics(system, clinician, admin, own_database,
+                                                 sinks):
+    """The API never sends a notification; the worker does. Its sent/failed/suppressed counters
+    reach the API's /metrics through the shared multiprocess directory, equal to what the
+    database says was sent and suppressed, with labels that identify no one."""
+    import sqlalchemy as sa
+
+    from authsvc.adapters.db import tables as t
+
+    live_smtp(sinks)
+    tag = uuid.uuid4().hex[:8]
+    _, _, contacts = people(tag)
+    order = submit(clinician, f"SIM-APPROVE-{tag.upper()}", contacts)
+    settled(admin, order["id"], {"received", "approved"})
+    engine = sa.create_engine(own_database)
+    n = t.notifications
+    with engine.connect() as conn:
+        queued = conn.execute(sa.select(sa.func.count()).where(n.c.status == "queued")).scalar()
+        assert queued == 0  # every test of this module settles its orders
+        counts = {(ch, st): c for ch, st, c in conn.execute(
+            sa.select(n.c.channel, n.c.status, sa.func.count())
+            .group_by(n.c.channel, n.c.status)).all()}
+    engine.dispose()
+    assert counts[("sms", "sent")] >= 2 and counts[("email", "sent")] >= 2
+    metrics = _metrics(system)
+    sends = {(dict(labels)["channel"].strip('"'), dict(labels)["result"].strip('"')): value
+             for (name, labels), value in metrics.items() if name == "authsvc_notifications_total"}
+    for channel in ("sms", "email"):
+        assert sends.get((channel, "sent")) == counts.get((channel, "sent")), (channel, sends)
+        assert sends.get((channel, "suppressed")) == counts.get((channel, "suppressed"))
+    for (_name, labels) in metrics:  # labels name a channel, a result or an action: no ids
+        assert {k for k, _ in labels} <= {"channel", "result", "action"}
+        for _, value in labels:
+            assert re.fullmatch(r'"[a-z_]+"', value), value

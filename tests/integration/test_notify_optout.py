@@ -375,6 +375,20 @@ def test_a_contact_edited_after_planning_does_not_redirect_the_planned_message(
     assert old_phone not in listed and old_mail not in listed
 
 
+def test_a_contact_that_now_says_channel_none_is_not_texted_a_planned_message(
+        svc, client, org_tokens, sinks):
+    _, sms = sinks
+    mrn, number = f"MRN-{tag()}", phone()
+    first = new_order(client, org_tokens[ORG]["coordinator"], [
+        {"role": "patient", "phone": number, "channel": "sms", "language": "en"}], mrn)
+    new_order(client, org_tokens[ORG]["coordinator"], [  # the patient asks for no messages
+        {"role": "patient", "phone": number, "channel": "none", "language": "en"}], mrn)
+    assert set(send_all(svc, first["id"]).values()) == {"suppressed"}
+    [row] = rows(svc, first["id"])
+    assert (row["status"], row["last_error"]) == ("suppressed", "channel_none")
+    assert not [m for m in sms.received() if m["to"] == number]
+
+
 def test_rows_planned_before_the_snapshot_still_find_their_contact(svc, client, org_tokens,
                                                                    sinks):
     _, sms = sinks

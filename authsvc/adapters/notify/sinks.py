@@ -6,7 +6,7 @@ The SMS sink honours the idempotency key (`I-Twilio-Idempotency-Token` or `Idemp
 like a real gateway: a repeat answers with the first message's sid and sends nothing. Given an
 `inbound_url` and an `auth_token`, it also plays a phone replying: `POST /reply` (form From,
 Body) is signed like Twilio signs (`X-Twilio-Signature`) and forwarded to authsvc's inbound
-webhook, e.g. `curl -d From=+15555550101 -d Body=STOP http://127.0.0.1:8092/reply`.
+webhook, e.g. `curl --data-urlencode From=+15555550101 -d Body=STOP http://127.0.0.1:8092/reply`.
 """
 
 from __future__ import annotations
@@ -125,9 +125,11 @@ class SmsSink:
             def do_POST(self) -> None:  # noqa: N802
                 if self.path.split("?", 1)[0] == "/reply":
                     length = int(self.headers.get("Content-Length") or 0)
-                    form = urllib.parse.parse_qsl(self.rfile.read(length).decode())
-                    status, answer = sink.reply(dict(form).get("From", ""),
-                                                dict(form).get("Body", ""))
+                    form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                    sender = form.get("From", "")
+                    if sender.startswith(" "):  # `curl -d From=+1…`: the + arrived as a space
+                        sender = "+" + sender.strip()
+                    status, answer = sink.reply(sender, form.get("Body", ""))
                     self._json(status, {"forwarded_status": status, "answer": answer})
                     return
                 if not self.path.split("?", 1)[0].rstrip("/").endswith(("/Messages",
