@@ -20,6 +20,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -189,8 +190,11 @@ def post(url: str, body: bytes, headers: Mapping[str, str], allowlist: Iterable[
          timeout: float = 10.0) -> int:
     """POST `body` to a re-checked, pinned address; returns the HTTP status.
 
-    Raises `Refused` when the URL is not allowed and `OSError` (or `http.client` errors)
-    when the connection fails. A 3xx is returned as is: redirects are not followed.
+    `timeout` bounds each socket operation *and* the whole exchange: a receiver that drips
+    its answer a byte at a time is cut off at the deadline (`TimeoutError`), so it cannot
+    hold a worker thread. Raises `Refused` when the URL is not allowed and `OSError` (or
+    `http.client` errors) when the connection fails. A 3xx is returned as is: redirects are
+    not followed.
     """
     target = check_url(url, allowlist)
     conn: http.client.HTTPConnection
@@ -198,6 +202,18 @@ def post(url: str, body: bytes, headers: Mapping[str, str], allowlist: Iterable[
         conn = _PinnedHTTPS(target, timeout)
     else:
         conn = http.client.HTTPConnection(target.ip, target.port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut() -> None:  # wakes a blocked recv/send in the calling thread
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, cut)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         conn.putrequest("POST", target.path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", target.host_header)
@@ -207,7 +223,14 @@ def post(url: str, body: bytes, headers: Mapping[str, str], allowlist: Iterable[
             conn.putheader(key, value)
         conn.endheaders(body)
         resp = conn.getresponse()
-        resp.read(MAX_RESPONSE_BYTES)
+        if expired.is_set():  # the head was cut short: its status cannot be trusted
+            raise TimeoutError(f"no complete answer within {timeout:g} s")
+        resp.read(MAX_RESPONSE_BYTES)  # the status decides; the body is drained, not kept
         return resp.status
+    except (OSError, http.client.HTTPException) as exc:
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within {timeout:g} s") from exc
+        raise
     finally:
+        watchdog.cancel()
         conn.close()

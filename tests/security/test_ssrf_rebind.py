@@ -335,3 +335,39 @@ def test_S7_real_resolver_name_from_a_private_etc_hosts_is_refused(tmp_path):
     # the machine's own resolver never saw the name
     with pytest.raises(socket.gaierror):
         socket.getaddrinfo("rebind.test", 80)
+
+
+def test_S7_a_receiver_dripping_its_answer_is_cut_at_the_total_deadline():
+    """Each byte comes well within the per-read timeout, the whole answer would take ~20 s:
+    the exchange ends at the deadline and the worker thread is free again."""
+    import time
+
+    server = _listener("127.0.0.1")
+    server.settimeout(5)
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Slow: " + b"x" * 200:
+                if stop.wait(0.1):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            ssrf.post(f"http://127.0.0.1:{port}/hook", b"{}", {}, [f"127.0.0.1:{port}"],
+                      timeout=1.5)
+        assert time.monotonic() - started < 3
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
