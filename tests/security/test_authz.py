@@ -227,3 +227,35 @@ def test_S12_url_map_equals_the_openapi_paths(app, spec):
                   if m in ("get", "post", "put", "patch", "delete")}
     assert served - exempt == documented
     assert exempt <= served
+
+
+def test_S4_last_used_time_is_recorded_and_listed_never_the_token(app, services, settings,
+                                                                  monkeypatch, capsys):
+    """Issue 8 › Tokens: last-used time, the prefix shown for support, the token itself never
+    shown again; the hash lookup is confirmed with a constant-time comparison."""
+    import inspect
+
+    from authsvc import cli
+    from authsvc.api import auth as auth_module
+    from authsvc.api.auth import create_token
+
+    org = f"org-lu-{uuid.uuid4().hex[:6]}"
+    with services.engine.begin() as conn:
+        token_id, token = create_token(conn, org, "clinician", name="ehr-feed")
+    api = t.api_tokens
+
+    def last_used():  # type: ignore[no-untyped-def]
+        with services.engine.connect() as conn:
+            return conn.execute(sa.select(api.c.last_used_at).where(api.c.id == token_id)
+                                ).scalar()
+
+    assert last_used() is None
+    assert app.test_client().get("/v1/orders", headers=auth(token)).status_code == 200
+    assert last_used() is not None
+    monkeypatch.setenv("AUTHSVC_DATABASE_URL", settings.database_url)
+    assert cli.main(["tokens", "list", "--org", org]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith(token_id))
+    assert "ehr-feed" in line and token[:10] in line and "last_used=-" not in line
+    assert token not in out and token[10:] not in out
+    assert "hmac.compare_digest" in inspect.getsource(auth_module.authenticate)
