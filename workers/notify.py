@@ -1,7 +1,9 @@
 """The notification sender: one attempt per message; retries and backoff live in the database.
 
 The message carries the notification id only. A redelivered or duplicated message finds the
-row already claimed, sent or failed and does nothing (`notifications.send` returns skipped).
+row already claimed, sent, failed or suppressed and does nothing (`notifications.send` returns
+skipped). The send counters this process keeps reach the API's /metrics when it shares
+`PROMETHEUS_MULTIPROC_DIR` with `authsvc serve` (docs/operations.md).
 """
 
 from __future__ import annotations

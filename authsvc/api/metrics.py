@@ -1,4 +1,11 @@
-"""Prometheus metrics (`authsvc_` prefix). Labels carry route templates, never ids."""
+"""Prometheus metrics (`authsvc_` prefix). Labels carry route templates, never ids.
+
+With `PROMETHEUS_MULTIPROC_DIR` set (always under `authsvc serve`), `/metrics` sums every
+process writing to that directory: the gunicorn workers, and also `authsvc worker` and
+`authsvc scheduler` when they are given the same directory (`make run` does; see
+docs/operations.md › Worker metrics), which is how the notification send counters counted in
+the worker show up here.
+"""
 
 from __future__ import annotations
 

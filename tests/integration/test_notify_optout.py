@@ -6,6 +6,7 @@ provider still hears; a contact edited after planning does not redirect a planne
 from __future__ import annotations
 
 import dataclasses
+import re
 import urllib.parse
 import uuid
 
@@ -275,6 +276,34 @@ def test_every_family_email_carries_a_one_click_unsubscribe(svc, client, org_tok
     assert office[0]["list_unsubscribe"] == ""
 
 
+@pytest.mark.parametrize("lang", ["en", "es"])
+def test_the_unsubscribe_footer_is_in_every_family_email_and_stays_plain(lang):
+    import textstat
+
+    from authsvc.adapters.notify import render
+    from tests.unit.test_notification_templates import CONTEXT
+
+    url = "http://127.0.0.1:8000/v1/notifications/unsubscribe?token=" + "a" * 150 + "." + "b" * 43
+    footer = {"en": "To stop these emails, open this link:",
+              "es": "Para no recibir más correos, abra este enlace:"}[lang]
+    for event in render.FAMILY_EVENTS:
+        for audience in ("patient", "caregiver"):
+            msg = render.render(event, audience, "email", lang,
+                                {**CONTEXT, "unsubscribe_url": url})
+            assert re.search(re.escape(footer) + r"\s+" + re.escape(url), msg.text), msg.template
+            assert f'<a href="{url}">{url}</a>' in msg.html
+            text = f"{msg.subject}. {msg.text}".replace(url, "")  # a link is not read aloud
+            textstat.set_lang(lang)
+            if lang == "en":
+                assert textstat.flesch_kincaid_grade(text) <= 8, msg.template
+            else:
+                assert textstat.fernandez_huerta(text) >= 60, msg.template
+                assert textstat.szigriszt_pazos(text) >= 55, msg.template
+            # without a link (e.g. rendering for a preview) the old advice stays
+            plain = render.render(event, audience, "email", lang, CONTEXT)
+            assert "unsubscribe" not in plain.text and footer not in plain.text
+
+
 def test_unsubscribe_link_confirms_on_get_and_applies_on_post(svc, client, org_tokens, sinks):
     smtp, sms = sinks
     mail = f"care-{tag()}@example.org"
@@ -339,6 +368,10 @@ def test_bad_unsubscribe_tokens_are_problems_naming_the_token(svc, client):
         assert [(e["field"], e["code"]) for e in assert_problem(missing, 422)["errors"]] == [
             ("token", "required")]
     assert client.get("/v1/notifications/unsubscribe?token=" + good).status_code == 200
+    spanish = optout.make_token(svc.settings.notify_secret, org_id=ORG, channel="email",
+                                hashed="0" * 64, notification_id="ntf_x", language="es")
+    page = client.get("/v1/notifications/unsubscribe?token=" + spanish).get_data(as_text=True)
+    assert '<html lang="es">' in page and "Sí, dejar de recibir correos" in page
 
 
 # ------------------------------------------------------------------ address snapshot
