@@ -186,3 +186,34 @@ def test_what_people_type_is_shown_as_text_never_as_markup(app, coordinator, ser
     page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
     assert "<script>alert" not in page
+
+
+def test_needs_attention_can_be_cleared_and_a_rejected_case_resubmitted(
+        app, coordinator, services, tokens):
+    from authsvc.adapters.db import repo
+    from authsvc.domain import clock
+
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a",
+                           state="rejected", overdue_by_hours=-100)
+    with services.engine.begin() as conn:
+        repo.update_case(conn, case_id, attention_reason="rejected",
+                         attention_since=clock.now())
+    page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
+    assert "Needs attention: Rejected by the payer" in page
+    resp = coordinator.post(f"/app/cases/{case_id}/resolve", data={
+        "csrf_token": _csrf(coordinator), "note": "called them"})
+    assert resp.status_code == 303
+    page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
+    assert "Marked as handled." in page and "Nothing needs attention" in page
+    resp = coordinator.post(f"/app/cases/{case_id}/resubmit", data={
+        "csrf_token": _csrf(coordinator)})
+    assert resp.status_code == 303
+    new_case = resp.headers["Location"].rsplit("/", 1)[-1]
+    assert new_case != case_id
+    page = coordinator.get(f"/app/cases/{new_case}").get_data(as_text=True)
+    assert "Resubmitted: this is the new case." in page
+    assert 'id="case-state">Ready to submit<' in page
+    again = coordinator.post(f"/app/cases/{case_id}/resubmit", data={
+        "csrf_token": _csrf(coordinator)})
+    assert again.status_code == 409 and "(the case is now Superseded)" in again.get_data(
+        as_text=True)

@@ -235,6 +235,8 @@ AUDIT_KIND = {
     "dashboard.decision": ("case", "decision"),
     "dashboard.appeal": ("case", "appeal"),
     "dashboard.cancel": ("case", "cancel"),
+    "dashboard.resolve": ("case", "resolve"),
+    "dashboard.resubmit": ("case", "resubmit"),
 }
 
 

@@ -331,6 +331,7 @@ def _render_case(case_id: str, status: int = 200, error: str | None = None) -> A
         can_appeal=case["state"] in case_actions.APPEALABLE,
         can_cancel=cs.is_open(case["state"]) or case["state"] in cs.AUTHORIZED,
         can_upload=not cs.is_final(case["state"]),
+        can_resubmit=case["state"] in case_actions.RESUBMITTABLE,
         outcomes=tuple(case_actions.ACTION_BY_OUTCOME), form=request.form), status
 
 
@@ -528,6 +529,24 @@ def appeal(case_id: str) -> Any:
     body = {"kind": kind, "level_of_care": level, "reason": reason}
     return _act(case_id, "done_appeal",
                 lambda conn: case_actions.appeal(actor, conn, case_id, body), new_case=True)
+
+
+@bp.route("/cases/<case_id>/resolve", methods=["POST"])
+def resolve(case_id: str) -> Any:
+    errors: list[tuple[str, str]] = []
+    note = _text("note", _t("resolve_note"), errors, max_len=2000)
+    if errors:
+        return _invalid(case_id, errors)
+    actor = _actor()
+    return _act(case_id, "done_resolve",
+                lambda conn: case_actions.resolve(actor, conn, case_id, note))
+
+
+@bp.route("/cases/<case_id>/resubmit", methods=["POST"])
+def resubmit(case_id: str) -> Any:
+    actor = _actor()
+    return _act(case_id, "done_resubmit",
+                lambda conn: case_actions.resubmit(actor, conn, case_id), new_case=True)
 
 
 @bp.route("/cases/<case_id>/cancel", methods=["POST"])
