@@ -132,11 +132,43 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
         ("GET", f"/v1/orders/{order['id']}", None, {"Authorization": f"Bearer {other.token}"}),
         ("GET", "/v1/orders/ZZCANARY-1901-02-03", None, {}),
     ]
+    as_json = {"Content-Type": "application/json"}
+
+    def variant(**changes: object) -> bytes:
+        doc = canary_body()
+        for dotted, value in changes.items():
+            *parents, leaf = dotted.split("__")
+            target = doc
+            for key in parents:
+                target = target[key]
+            target[leaf] = value
+        return json.dumps(doc).encode()
+
+    attempts += [(  # B3, B5, B6, B7, B9, B12 carrying the canary
+        "POST", "/v1/orders", data, as_json) for data in (
+        variant(patient__birth_date=19010203), variant(diagnoses="J45.50"),
+        variant(patient__given_name=["ZZCANARY"]),
+        b'{"patient": ' + b"[" * 5000 + b'"ZZCANARY"' + b"]" * 5000 + b"}",
+        body.replace(b'"quantity": 1', b'"quantity": NaN'),
+        body.replace(b'"ZZCANARY"', b'"ZZCANARY\\u0000"'),
+        body.replace(b'"ZZCANARY"', b'"ZZCANARY\\ud800"'),
+        variant(diagnoses=["Q99.99"]), variant(diagnoses=["J45"]), variant(diagnoses=["j45.50"]),
+        variant(status="ZZCANARY", org_id="CANARYMBR000123", created_by="1901-02-03"))]
     for method, path, data, headers in attempts:
         hdrs = {**auth, "Idempotency-Key": uuid.uuid4().hex, **headers}
         status, raw = _raw(system.api, method, path, data, hdrs)
         assert 400 <= status < 500, (path, status)
         error_bodies.append(raw)
+    key = uuid.uuid4().hex  # B13: the same key with another body
+    first = canary_body(external_id="EHR-CANARY-B13")
+    first["requester"]["npi"] = "1003000126"
+    assert _raw(system.api, "POST", "/v1/orders", json.dumps(first).encode(),
+                {**auth, **as_json, "Idempotency-Key": key})[0] == 201
+    first["patient"]["given_name"] = "ZZCANARY-Other"
+    status, raw = _raw(system.api, "POST", "/v1/orders", json.dumps(first).encode(),
+                       {**auth, **as_json, "Idempotency-Key": key})
+    assert status == 422, raw[:300]
+    error_bodies.append(raw)
     status, raw = _raw(system.api, "GET", "/v1/orders?access_token=ZZCANARY", None, {})
     assert status == 401
     error_bodies.append(raw)
