@@ -37,6 +37,12 @@ def test_a_decision_on_a_case_that_is_no_longer_deciding_is_a_clear_409(
     resp = coordinator.post(f"/app/cases/{case_id}/appeal", data={
         "csrf_token": _csrf(coordinator), "kind": "standard"})
     assert resp.status_code == 409 and "Not done:" in resp.get_data(as_text=True)
+    resp = coordinator.post(f"/app/cases/{case_id}/decision?lang=es", data={
+        "csrf_token": _csrf(coordinator), "received_via": "phone", "outcome_1": "denied"})
+    assert resp.status_code == 409
+    assert "No se hizo: esta acción no es posible ahora (el caso está en Aprobado)" in \
+        resp.get_data(as_text=True)
+    coordinator.get("/app/?lang=en")
 
 
 @pytest.mark.parametrize(("form", "expected"), [

@@ -172,6 +172,7 @@ EN: dict[str, str] = {
     "confirm_resubmit": "Send a new request to the payer?",
     "done_resubmit": "Resubmitted: this is the new case.",
     "conflict": "Not done: {detail} (the case is now {state}).",
+    "conflict_generic": "Not done: this action does not fit the case now (it is {state}).",
     "invalid": "Not done. Please correct: {fields}.",
     "unsupported_file": "Not done: only PDF, PNG, JPEG and TIFF documents are accepted.",
     "empty_file": "Not done: choose a non-empty file.",
@@ -444,6 +445,8 @@ ES: dict[str, str] = {
     "confirm_resubmit": "¿Enviar una solicitud nueva a la aseguradora?",
     "done_resubmit": "Reenviado: este es el caso nuevo.",
     "conflict": "No se hizo: {detail} (el caso está ahora en {state}).",
+    "conflict_generic": "No se hizo: esta acción no es posible ahora (el caso está en "
+                        "{state}).",
     "invalid": "No se hizo. Corrija: {fields}.",
     "unsupported_file": "No se hizo: solo se aceptan documentos PDF, PNG, JPEG y TIFF.",
     "empty_file": "No se hizo: elija un archivo que no esté vacío.",

@@ -365,6 +365,14 @@ def _field_list(errors: list[tuple[str, str]]) -> str:
     return "; ".join(f"{name}: {problem}" for name, problem in errors)
 
 
+def _conflict(detail: str, state: str | None) -> str:
+    """The service layer's reason (English) in English; a translated sentence otherwise."""
+    word = i18n.word(g.lang, "state", state)
+    if g.lang == "en":
+        return _t("conflict", detail=detail, state=word)
+    return _t("conflict_generic", state=word)
+
+
 def _act(case_id: str, done: str, work, *, new_case: bool = False) -> Any:  # type: ignore[no-untyped-def]
     """Run one case action in one transaction; success → back to the case page with a
     message (303), refusal → the case page with the reason and the matching status."""
@@ -372,12 +380,9 @@ def _act(case_id: str, done: str, work, *, new_case: bool = False) -> Any:  # ty
         with _engine().begin() as conn:
             result = work(conn)
     except StateConflict as exc:
-        return _render_case(case_id, 409, _t("conflict", detail=str(exc),
-                                             state=i18n.word(g.lang, "state",
-                                                             exc.current_state)))
+        return _render_case(case_id, 409, _conflict(str(exc), exc.current_state))
     except IllegalTransition as exc:
-        return _render_case(case_id, 409, _t("conflict", detail=str(exc),
-                                             state=i18n.word(g.lang, "state", exc.current)))
+        return _render_case(case_id, 409, _conflict(str(exc), exc.current))
     except case_actions.Invalid as exc:
         return _render_case(case_id, 422, _t("invalid", fields=_field_list(
             [(e["field"], e["message"]) for e in exc.errors])))
