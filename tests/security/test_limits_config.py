@@ -143,9 +143,13 @@ def test_S11_a_safe_production_configuration_starts(settings, services, monkeypa
     assert app.debug is False and app.testing is False
 
 
-def test_S11_forced_500_is_generic_problem_json(settings, services):
-    from authsvc.api import create_app
+def test_S11_forced_500_is_generic_problem_json(settings, services, caplog):
+    import logging
 
+    from authsvc.api import create_app
+    from authsvc.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO)
     app = create_app(settings, services)
 
     @app.get("/v1/boom")
@@ -155,6 +159,11 @@ def test_S11_forced_500_is_generic_problem_json(settings, services):
     resp = app.test_client().get("/v1/boom")
     body = assert_problem(resp, 500)
     assert body["detail"] == "Something went wrong on our side; it has been logged."
+    # "it has been logged": as the exception type, without its message (argument values)
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    assert any("ValueError" in line for line in lines), lines
+    assert not [line for line in lines if any(c in line for c in (
+        "ZZCANARY", "Testperson", "1901-02-03", "CANARYMBR000123"))]
 
 
 def test_S11_headers_cors_server_trace_and_options(app, tokens):
