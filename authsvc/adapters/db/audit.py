@@ -120,6 +120,8 @@ def _write_pending(conn: sa.Connection) -> None:
 
 
 def _drop_pending(conn: sa.Connection) -> None:
+    if conn.invalidated:  # the connection died: its `info` is gone with it, and reading
+        return  # it would raise PendingRollbackError over the real (OperationalError) cause
     conn.info.pop(_PENDING, None)
 
 

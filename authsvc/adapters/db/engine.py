@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,9 +38,42 @@ def make_engine(url: str, pool_size: int = 5) -> sa.Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(
-        url, pool_pre_ping=True, pool_size=pool_size, max_overflow=10, pool_recycle=1800,
-    )
+    engine = sa.create_engine(url, pool_size=pool_size, max_overflow=10, pool_recycle=1800)
+    ping_when_idle(engine)
+    return engine
+
+
+#: A pooled connection idle longer than this is pinged before it is handed out.
+IDLE_PING_SECONDS = 5.0
+
+
+def ping_when_idle(engine: sa.Engine, idle_seconds: float = IDLE_PING_SECONDS) -> None:
+    """Pre-ping only connections that sat idle, not every checkout.
+
+    `pool_pre_ping` costs a round trip on every checkout (two per API request: the token
+    lookup and the work); under load a connection goes back out milliseconds after it came
+    in, so that ping buys nothing. An idle connection (a quiet night, a database restart
+    while nobody was asking) is still checked before use; a connection that breaks while busy
+    fails its statement, the pool invalidates every connection made before it, and the API
+    answers 503 with Retry-After (the request is not half-written: its transaction is gone).
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record) -> None:  # type: ignore[no-untyped-def]
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < idle_seconds:
+            return
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as exc:  # the pool retries the checkout on a new connection
+            raise sa.exc.DisconnectionError(type(exc).__name__) from exc
 
 
 def alembic_config(url: str) -> Config:
