@@ -1,7 +1,8 @@
-"""Order events: the timeline row and the notifications it causes, in one transaction.
+"""Order events: the timeline row and what it causes, in one transaction.
 
-Every state change that a patient, caregiver or provider may hear about goes through
-`record`, so a notification row is written exactly when (and only if) its event commits.
+Every state change that a patient, caregiver, provider or subscriber may hear about goes
+through `record`, so a notification row or a webhook delivery is written exactly when (and
+only if) its event commits.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from authsvc.adapters.db import repo
 
 def record(conn: sa.Connection, *, org_id: str, order_id: str, at: dt.datetime, event: str,
            actor: str, case_id: str | None = None, detail: dict | None = None) -> None:
-    """Append the timeline event and plan the notifications it causes."""
-    from authsvc.service_layer import notifications
+    """Append the timeline event, plan the notifications and queue the webhooks it causes."""
+    from authsvc.service_layer import notifications, webhooks_out
 
     repo.add_timeline(conn, org_id=org_id, order_id=order_id, at=at, event=event, actor=actor,
                       case_id=case_id, detail=detail)
     notifications.plan(conn, org_id=org_id, order_id=order_id, case_id=case_id, event=event,
                        at=at, detail=detail)
+    webhooks_out.announce(conn, org_id=org_id, order_id=order_id, case_id=case_id, event=event,
+                          at=at, detail=detail)

@@ -7,6 +7,13 @@ POSTs it through the SSRF guard. Failures retry on a fixed exponential schedule 
 than 24 h; the webhook-id stays the same across retries so the receiver can deduplicate. A
 subscription whose deliveries keep failing until a retry budget is spent is disabled with a
 visible reason; `redeliver` re-enables it and queues its failed deliveries again.
+
+Order and case events (`order.*`, `case.*`) come from the order timeline: `timeline.record`
+calls `announce` in the transaction of the state change, so a delivery exists exactly when
+its event committed. Their payloads carry ids, states, codes and times only, never the
+patient's name, birth date, member id or any free text (notes, references). When the
+organization has no subscription to the event (the usual case on order intake) the whole
+cost is one small SELECT per transaction (`_active_subscriptions` memoizes it).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from authsvc.adapters import ssrf, webhooks
 from authsvc.adapters.db import repo
 from authsvc.adapters.db import repo_cases as rc
 from authsvc.bootstrap import Services
+from authsvc.domain import cases as cs
 from authsvc.domain import clock, ids
 from authsvc.domain.errors import NotFound
 from authsvc.service_layer import views
@@ -32,7 +40,48 @@ from authsvc.service_layer.context import Actor
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("outcome.created",)
+#: timeline event → order/case webhook events it announces (see `event_types`).
+ORDER_EVENTS = ("order.received", "order.eligibility_checked", "order.needs_attention",
+                "order.no_auth_required", "order.cancelled")
+CASE_EVENTS = ("case.opened", "case.state_changed", "case.needs_attention", "case.decision")
+EVENTS = ("outcome.created", *ORDER_EVENTS, *CASE_EVENTS)
+#: what each event type means (the OpenAPI description of the `events` enum)
+EVENT_DOCS = {
+    "outcome.created": "a new version of a line's decision in the billing feed (the feed item)",
+    "order.received": "an order was accepted (timeline `order_received`)",
+    "order.eligibility_checked": "the payer answered the eligibility check "
+                                 "(`eligibility`: active, inactive, member_not_found, error)",
+    "order.needs_attention": "the order itself needs a coordinator (`reason`: "
+                             "coverage_problem, eligibility_error, not_sent)",
+    "order.no_auth_required": "no line of the order needs prior authorization",
+    "order.cancelled": "the order was cancelled",
+    "case.opened": "a prior-authorization case was opened (initial, extension; `kind`, "
+                   "`state`)",
+    "case.state_changed": "a case entered a new state (`state`: any case state)",
+    "case.needs_attention": "a case needs a coordinator (`reason`: rejected, error, overdue, "
+                            "info_requested, contact_payer, denied_review)",
+    "case.decision": "the payer decided a case (`state`: approved, partially_approved, "
+                     "modified, denied, not_required; `review_actions` per line)",
+}
+_CASE_STATES = frozenset(cs.STATES)
+_DECISIONS = frozenset({cs.APPROVED, cs.PARTIALLY_APPROVED, cs.MODIFIED, cs.DENIED,
+                        cs.NOT_REQUIRED})
+_ORDER_ATTENTION = {"eligibility_inactive": "coverage_problem",
+                    "eligibility_member_not_found": "coverage_problem",
+                    "eligibility_error": "eligibility_error", "lines_not_sent": "not_sent"}
+#: timeline kinds that may announce something: anything else costs `record` a set lookup.
+TIMELINE_KINDS = frozenset({
+    "order_received", "no_auth_required", "order_cancelled", "lines_not_sent",
+    "case_opened", "extension_requested", "authorization_expired", "decision_overdue",
+    *(f"eligibility_{s}" for s in ("active", "inactive", "member_not_found", "error")),
+    *(f"case_{s}" for s in cs.STATES),
+})
+_SUBS_MEMO = "authsvc_webhook_subscriptions"
+_subs = rc.t.webhook_subscriptions
+#: `repo_cases.active_subscriptions` built once (it runs on every order intake).
+_ACTIVE = sa.select(_subs.c.id, _subs.c.events).where(
+    _subs.c.org_id == sa.bindparam("org_id"), _subs.c.deleted_at.is_(None),
+    _subs.c.disabled_at.is_(None))
 #: seconds to wait before each retry (Standard Webhooks' schedule): 8 attempts over ~27.6 h.
 RETRY_SCHEDULE = [5, 300, 1800, 7200, 18000, 36000, 36000]
 #: consecutive failed attempts (across deliveries) after which a subscription is disabled,
@@ -170,26 +219,130 @@ def _payload(conn: sa.Connection, event_type: str, payload: dict, now: dt.dateti
     return {"type": event_type, "timestamp": clock.isoformat(now), "data": data}
 
 
+def _forget_subscriptions(conn: sa.Connection) -> None:
+    conn.info.pop(_SUBS_MEMO, None)
+
+
+# A transaction's view of the subscriptions is read once: every transaction starts afresh.
+sa.event.listen(sa.engine.Engine, "begin", _forget_subscriptions)
+
+
+def _active_subscriptions(conn: sa.Connection, org_id: str) -> list[dict]:
+    """The organization's live subscriptions, read once per transaction (an order's intake
+    records several timeline events; each would otherwise cost a query)."""
+    memo = conn.info.setdefault(_SUBS_MEMO, {})
+    subs = memo.get(org_id)
+    if subs is None:
+        subs = memo[org_id] = [{"id": sub_id, "events": events} for sub_id, events in
+                               conn.execute(_ACTIVE, {"org_id": org_id})]
+    return subs
+
+
+def _queue(conn: sa.Connection, org_id: str, bodies: dict[str, dict], subs: list[dict],
+           now: dt.datetime) -> int:
+    """One delivery per (subscription, event type it asked for), plus their outbox rows:
+    two multi-row INSERTs, whatever the number of deliveries."""
+    event_ids = {event_type: ids.new_id("msg") for event_type in bodies}
+    rows = [{"id": ids.new_id("dlv"), "org_id": org_id, "subscription_id": s["id"],
+             "event_type": event_type, "event_id": event_ids[event_type], "payload": body,
+             "status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now}
+            for s in subs for event_type, body in bodies.items()
+            if event_type in (s["events"] or ())]
+    if not rows:
+        return 0
+    rc.insert_deliveries(conn, rows)
+    conn.execute(rc.t.outbox.insert(), [
+        {"actor": "deliver_webhook", "entity_id": row["id"], "created_at": now,
+         "available_at": now, "publish_count": 0} for row in rows])
+    return len(rows)
+
+
 def enqueue_event(conn: sa.Connection, org_id: str, event_type: str, payload: dict) -> int:
     """Queue one delivery per active subscription to `event_type`, in the caller's transaction.
 
     For `outcome.created`, `payload` may be `{"outcome_id": ...}`: the feed item (with its
     cursor) is read back from the row just inserted. Returns the number of deliveries.
     """
-    subs = [s for s in rc.active_subscriptions(conn, org_id) if event_type in (s["events"] or ())]
+    subs = [s for s in _active_subscriptions(conn, org_id)
+            if event_type in (s["events"] or ())]
     if not subs:
         return 0
     now = clock.now()
-    body = _payload(conn, event_type, payload, now)
-    event_id = ids.new_id("msg")
-    rows = [{"id": ids.new_id("dlv"), "org_id": org_id, "subscription_id": s["id"],
-             "event_type": event_type, "event_id": event_id, "payload": body,
-             "status": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now}
-            for s in subs]
-    rc.insert_deliveries(conn, rows)
-    for row in rows:
-        repo.add_outbox(conn, "deliver_webhook", row["id"], now)
-    return len(rows)
+    return _queue(conn, org_id, {event_type: _payload(conn, event_type, payload, now)}, subs,
+                  now)
+
+
+def event_types(event: str, detail: dict | None) -> dict[str, dict]:
+    """The webhook events a timeline event announces, each with its event-specific fields.
+
+    Only ids, states, codes and counts are taken from `detail`, by name: never notes,
+    references, names or anything a person typed.
+    """
+    detail = detail or {}
+    out: dict[str, dict] = {}
+    if event == "order_received":
+        out["order.received"] = {"lines": detail.get("lines"),
+                                 "ruleset_version": detail.get("ruleset_version")}
+    elif event.startswith("eligibility_"):
+        out["order.eligibility_checked"] = {"eligibility": event.removeprefix("eligibility_")}
+    elif event == "no_auth_required":
+        out["order.no_auth_required"] = {}
+    elif event == "order_cancelled":
+        out["order.cancelled"] = {}
+    elif event in ("case_opened", "extension_requested"):
+        extension = event == "extension_requested"
+        out["case.opened"] = {
+            "kind": "extension" if extension else detail.get("kind", "initial"),
+            "state": detail.get("state", cs.READY_TO_SUBMIT),
+            "related_case_id": detail.get("extends" if extension else "related_case_id"),
+            "sequences": _ints(detail.get("sequences"))}
+    elif event == "decision_overdue":
+        out["case.needs_attention"] = {"reason": "overdue"}
+    else:
+        state = "expired" if event == "authorization_expired" else event.removeprefix("case_")
+        if state in _CASE_STATES and (event.startswith("case_") or state == "expired"):
+            actions = {str(k): v for k, v in (detail.get("review_actions") or {}).items()
+                       if isinstance(v, str) or v is None}
+            out["case.state_changed"] = {"state": state}
+            if state in _DECISIONS:
+                out["case.decision"] = {"state": state, "review_actions": actions}
+            reason = cs.attention_for(state, actions.values())
+            if reason is not None:
+                out["case.needs_attention"] = {"reason": reason, "state": state}
+    if event in _ORDER_ATTENTION:
+        out["order.needs_attention"] = {"reason": _ORDER_ATTENTION[event]}
+        if event == "lines_not_sent":
+            out["order.needs_attention"]["sequences"] = _ints(detail.get("sequences"))
+    return out
+
+
+def _ints(value: Any) -> list[int]:
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+def announce(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None,
+             event: str, at: dt.datetime, detail: dict | None) -> int:
+    """Queue the order/case webhooks a timeline event causes, in its transaction.
+
+    Called by `timeline.record` for every event; returns the number of deliveries. Costs
+    nothing for a kind no webhook announces, one memoized SELECT when the organization
+    subscribes to none of the kinds it does announce.
+    """
+    if event not in TIMELINE_KINDS:
+        return 0
+    subs = _active_subscriptions(conn, org_id)
+    if not subs:
+        return 0
+    wanted = set().union(*((s["events"] or ()) for s in subs))
+    fields = {k: v for k, v in event_types(event, detail).items() if k in wanted}
+    if not fields:
+        return 0
+    now = clock.now()
+    bodies = {event_type: {"type": event_type, "timestamp": clock.isoformat(now), "data": {
+        "order_id": order_id, "case_id": case_id, "event": event,
+        "occurred_at": clock.isoformat(at), **extra}}
+        for event_type, extra in fields.items()}
+    return _queue(conn, org_id, bodies, subs, now)
 
 
 # ------------------------------------------------------------------ delivery

@@ -1,4 +1,4 @@
-"""Webhook subscriptions for billing systems: signed `outcome.created` deliveries."""
+"""Webhook subscriptions: signed `outcome.created` and order/case event deliveries."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ blp = Blueprint("subscriptions", __name__, url_prefix="/v1/subscriptions",
 ROLES = ("billing", "admin")
 IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": True,
                       "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+EVENTS_DOC = ("Event types to deliver. Order and case events carry ids, states and codes "
+              "only (no patient data): " + "; ".join(
+                  f"`{name}`: {text}" for name, text in webhooks_out.EVENT_DOCS.items()))
 PAGE = [
     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
@@ -43,7 +46,7 @@ def _cursor() -> str | None:
          requestBody={"required": True, "content": {"application/json": {"schema": {
              "type": "object", "required": ["url", "events"], "properties": {
                  "url": {"type": "string", "format": "uri"},
-                 "events": {"type": "array",
+                 "events": {"type": "array", "minItems": 1, "description": EVENTS_DOC,
                             "items": {"type": "string", "enum": list(webhooks_out.EVENTS)}}}}}}},
          responses={"201": {"description": "The subscription with its secret (shown once)"}})
 @requires(*ROLES)
