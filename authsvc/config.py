@@ -43,6 +43,8 @@ class Settings:
     sms_auth_token: str | None = None
     # key for opt-out address hashes and unsubscribe-link tokens (set it in production)
     notify_secret: str = "dev-notify-optout-key"  # noqa: S105 - dev default
+    # folder for uploaded documents (content-addressed files); None: in the database
+    attachments_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -77,6 +79,8 @@ class Settings:
             or "dev-provider-webhook-master-key",
             sms_auth_token=env.get("AUTHSVC_SMS_AUTH_TOKEN") or None,
             notify_secret=env.get("AUTHSVC_NOTIFY_SECRET") or "dev-notify-optout-key",
+            attachments_dir=Path(env["AUTHSVC_ATTACHMENTS_DIR"]).absolute()
+            if env.get("AUTHSVC_ATTACHMENTS_DIR") else None,
         )
 
     def replace(self, **changes: object) -> Settings:
