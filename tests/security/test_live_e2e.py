@@ -1,11 +1,13 @@
 """On real processes (tests/e2e/harness.py): S8, the canary PHI scan over a scripted session,
 and B14, a bounded schemathesis run against the live `/openapi.json` with a token.
 
-The S8 session carries the canary patient through: PHI writes and reads, hostile and failing
-requests (B1-B6, B8), S1 (no, garbage, revoked, expired and query-string tokens; an `alg:none`
-CDS Hooks JWT), S2 (wrong roles), S3 (another organization on the canary's ids), and payer
-faults F10-F12 (503, 429 with Retry-After, text/html, a truncated and a 50 MB body, a 302
-towards a port nothing may reach) with the simulator restarted per mode.
+The S8 session carries the canary patient through: PHI writes and reads, a short concurrent
+burst (L1, with B13's same-key races), hostile and failing requests (B1-B9, B12, B13), S1 (no,
+garbage, revoked, expired and query-string tokens; an `alg:none` CDS Hooks JWT), S2 (wrong
+roles), S3 (another organization on the canary's ids), and payer faults F10-F12 (503, 500,
+429 with Retry-After, text/html, a truncated and a 50 MB body, a 302 towards a port nothing
+may reach) with the simulator restarted per mode. S7 runs here too: hostile subscription URLs
+refused by gunicorn, and the worker's send-time re-check.
 
 `bench/fuzz.sh` runs the same schemathesis driver for ≥ 10,000 requests.
 """
@@ -190,6 +192,7 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
         final["patient_id"] = conn.execute(sa.select(t.orders.c.patient_id).where(
             t.orders.c.id == final["id"])).scalar()
     error_bodies += _s1_to_s3_traffic(system, final, token, other.token)
+    error_bodies += _short_load(system, token)
     error_bodies += _payer_fault_traffic(system)
     px = t.payer_exchanges
     with services.engine.connect() as conn:  # F12: each fault is a failure with a typed reason
@@ -314,6 +317,25 @@ def _s1_to_s3_traffic(system, order: dict, token: str, other_token: str) -> list
     bodies.append(_expect(system, "POST", "/v1/orders", with_patient,
                           {"Authorization": f"Bearer {other_coord}"}, 422))
     return bodies
+
+
+def _short_load(system, token: str) -> list[bytes]:
+    """L1, short: 24 canary orders from 6 threads at once, each key sent twice at the same
+    moment (B13's in-flight answer, 409, or a replay); returns the non-2xx bodies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple[int, bytes]:
+        body = canary_body(external_id=f"EHR-CANARY-L1-{i // 2}")
+        body["requester"]["npi"] = "1003000126"
+        return _raw(system.api, "POST", "/v1/orders", json.dumps(body).encode(), {
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json",
+            "Idempotency-Key": f"canary-l1-{i // 2}-{system.api_port}"})
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(48)))
+    assert {code for code, _ in results} <= {201, 409}, [c for c, _ in results]
+    assert sum(code == 201 for code, _ in results) >= 24
+    return [raw for code, raw in results if code != 201]
 
 
 # F10-F12: (AUTHSVC_SIM_FAULT, the status the simulator's ledger lists for the faulted call)
