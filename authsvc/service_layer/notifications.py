@@ -360,12 +360,14 @@ def send(services: Any, notification_id: str) -> str:
                 status="suppressed", claimed_until=None, next_attempt_at=None,
                 last_error=reason))
             _timeline(conn, row, "suppressed", now, reason)
-            SENDS.labels(row["channel"], "suppressed").inc()
-            log.info("notification suppressed", extra={"notification_id": notification_id,
-                                                        "channel": row["channel"],
-                                                        "reason": reason})
-            return "suppressed"
-        ctx = context(conn, row, services.settings.public_url) if address else {}
+        else:
+            ctx = context(conn, row, services.settings.public_url) if address else {}
+    if reason is not None:  # counted once committed
+        SENDS.labels(row["channel"], "suppressed").inc()
+        log.info("notification suppressed", extra={"notification_id": notification_id,
+                                                    "channel": row["channel"],
+                                                    "reason": reason})
+        return "suppressed"
     error: SendError | None = None
     provider_id: str | None = None
     if not address:
