@@ -130,10 +130,29 @@ def resolve(actor: Actor, conn: sa.Connection, case_id: str, note: str | None) -
 
 # ------------------------------------------------------------------ attachments
 
+from pathlib import Path  # noqa: E402 - attachment storage only (keeps this edit local)
+
+
+def _lock_content(conn: sa.Connection, org_id: str, sha256: str) -> None:
+    """Serialize everything that writes or deletes one stored file: held from the write to
+    the commit of the row that refers to it (SQLite: every write transaction already is)."""
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"{org_id}/{sha256}".encode()).digest()[:4],
+                             "big", signed=True)
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7204313, :k)"), {"k": key})
+
 
 def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename: str,
-                   data: bytes, loinc: str | None = None) -> str:
-    """Store a document and move the case on (needs_input → ready, info_requested → update)."""
+                   data: bytes, loinc: str | None = None, folder: Path | None = None) -> str:
+    """Store a document and move the case on (needs_input → ready, info_requested → update).
+
+    With `folder` (AUTHSVC_ATTACHMENTS_DIR) the bytes go to a content-addressed file there
+    (`data` NULL, `storage_path` set), written after every check and under the content's
+    lock; a transaction that then fails leaves a file no row refers to, which the caller
+    removes with `discard_unreferenced` (the API does) or `sweep_attachment_files` finds.
+    """
+    from authsvc.adapters import attachment_files
+
     now = clock.now()
     content_type = sniff(data)
     case = _locked(conn, actor, case_id)
@@ -145,11 +164,17 @@ def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename:
     if state == cs.INFO_REQUESTED:
         info_request_id = rc.answer_info_requests(conn, case_id, now)
     attachment_id = ids.new_id("att")
+    sha256 = hashlib.sha256(data).hexdigest()
+    stored: dict[str, Any] = {"data": data, "storage_path": None}
+    if folder is not None:
+        _lock_content(conn, case["org_id"], sha256)
+        path = attachment_files.put(folder, case["org_id"], data)
+        stored = {"data": None, "storage_path": str(path)}
     rc.insert_attachment(conn, {
         "id": attachment_id, "org_id": case["org_id"], "case_id": case_id,
         "info_request_id": info_request_id, "filename": filename[:255] or "document",
         "content_type": content_type, "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(), "loinc": loinc, "data": data,
+        "sha256": sha256, "loinc": loinc, **stored,
         "created_by": actor.label, "created_at": now,
     })
     effect = "kept_for_next_send"
@@ -174,6 +199,81 @@ def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename:
     if effect != "kept_for_next_send":
         refresh_order_status(conn, case["order_id"], now)
     return attachment_id
+
+
+def attachment_bytes(row: dict) -> bytes:
+    """A stored document's bytes, from the database or its file (checked against the row's
+    SHA-256: `attachment_files.Unreadable` when missing or altered)."""
+    from authsvc.adapters import attachment_files
+
+    if row["data"] is not None or not row["storage_path"]:
+        return bytes(row["data"] or b"")
+    return attachment_files.read(row["storage_path"], row["sha256"])
+
+
+def _referenced(conn: sa.Connection, org_id: str, path: Path) -> bool:
+    a = rc.t.attachments
+    return conn.execute(sa.select(a.c.id).where(a.c.org_id == org_id,
+                                                a.c.storage_path == str(path)).limit(1)
+                        ).first() is not None
+
+
+def discard_unreferenced(engine: sa.Engine, folder: Path, org_id: str, sha256: str) -> bool:
+    """Delete the stored file of this content unless an attachment row refers to it (after a
+    failed upload transaction); True when a file was deleted. Takes the content's lock, so a
+    concurrent upload of the same bytes either commits its row first or writes the file
+    again after."""
+    from authsvc.adapters import attachment_files
+
+    path = attachment_files.path_for(folder, org_id, sha256)
+    with engine.begin() as conn:
+        _lock_content(conn, org_id, sha256)
+        if _referenced(conn, org_id, path) or not path.exists():
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+
+def sweep_attachment_files(engine: sa.Engine, folder: Path, *,
+                           temporaries_after_s: float = 3600) -> dict[str, int]:
+    """Remove what a crash between a file write and its commit can leave in the folder:
+    files no attachment row refers to, and temporary files older than the grace period.
+    Safe while uploads run (the content lock; see `discard_unreferenced`)."""
+    import time
+
+    from authsvc.adapters import attachment_files
+
+    removed = {"files": 0, "temporaries": 0}
+    orgs: dict[str, str] | None = None
+    for org_name, sha256, path in attachment_files.stored_files(folder):
+        if orgs is None:  # directory name → organization id (a hash for unusual ids)
+            with engine.connect() as conn:
+                orgs = {attachment_files.org_dir(o): o for o in conn.execute(
+                    sa.select(rc.t.attachments.c.org_id).distinct()).scalars()}
+        org_id = orgs.get(org_name)
+        if org_id is not None:
+            removed["files"] += discard_unreferenced(engine, folder, org_id, sha256)
+            continue
+        # No attachment row of that organization at all: its id (hence its lock) is unknown,
+        # so only a file older than the grace period (no upload lasts that long) goes.
+        try:
+            old = path.stat().st_mtime < time.time() - temporaries_after_s
+        except FileNotFoundError:
+            continue
+        with engine.connect() as conn:
+            if old and not _referenced_anywhere(conn, path):
+                path.unlink(missing_ok=True)
+                removed["files"] += 1
+    for tmp in attachment_files.stale_temporaries(folder, temporaries_after_s):
+        tmp.unlink(missing_ok=True)
+        removed["temporaries"] += 1
+    return removed
+
+
+def _referenced_anywhere(conn: sa.Connection, path: Path) -> bool:
+    a = rc.t.attachments
+    return conn.execute(sa.select(a.c.id).where(a.c.storage_path == str(path)).limit(1)
+                        ).first() is not None
 
 
 # ------------------------------------------------------------------ decisions by phone/fax

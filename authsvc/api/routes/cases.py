@@ -207,7 +207,7 @@ def get_case(case_id: str) -> Response:
 @requires(*READ_ROLES)
 def get_attachment(case_id: str, attachment_id: str) -> Response:
     """A stored document, only to a token of the case's organization."""
-    from pathlib import Path
+    from authsvc.adapters.attachment_files import Unreadable
 
     actor = g.actor
     with _services().engine.begin() as conn:
@@ -218,10 +218,13 @@ def get_attachment(case_id: str, attachment_id: str) -> Response:
                        role=actor.role, action="read", entity_type="attachment",
                        entity_id=attachment_id, outcome="success",
                        request_id=actor.request_id, source_ip=actor.source_ip)
-    data = row["data"]
-    if data is None and row["storage_path"]:
-        data = Path(row["storage_path"]).read_bytes()
-    resp = Response(bytes(data or b""), status=200, mimetype=row["content_type"])
+    try:
+        data = case_actions.attachment_bytes(row)
+    except Unreadable as exc:  # the folder is gone or the file altered: ids only in the log
+        current_app.logger.error("attachment %s unreadable: %s", attachment_id, exc)
+        raise ApiProblem(503, "The document's stored bytes are not available.",
+                         headers={"Retry-After": "60"}) from None
+    resp = Response(data, status=200, mimetype=row["content_type"])
     resp.headers["Content-Disposition"] = "attachment"
     resp.headers["X-Attachment-Sha256"] = row["sha256"]
     return resp
@@ -346,11 +349,23 @@ def add_attachment(case_id: str) -> Response:
     if loinc is not None and (len(loinc) > 20 or not loinc.isascii()):
         raise _invalid([_err("loinc", "invalid_format", "a LOINC code")])
     filename = (upload.filename or "document").rsplit("/", 1)[-1][:255]
-    fingerprint = {"sha256": hashlib.sha256(data).hexdigest(), "filename": filename,
-                   "loinc": loinc}
-    return _act(case_id, fingerprint, lambda conn: case_actions.add_attachment(
-        g.actor, conn, case_id, filename=filename, data=data, loinc=loinc),
-        status=201)
+    sha256 = hashlib.sha256(data).hexdigest()
+    fingerprint = {"sha256": sha256, "filename": filename, "loinc": loinc}
+    services = _services()
+    folder = services.settings.attachments_dir
+    try:
+        return _act(case_id, fingerprint, lambda conn: case_actions.add_attachment(
+            g.actor, conn, case_id, filename=filename, data=data, loinc=loinc, folder=folder),
+            status=201)
+    except BaseException:
+        # The transaction did not commit: a file it wrote is referred to by no row.
+        if folder is not None:
+            try:
+                case_actions.discard_unreferenced(services.engine, folder, g.actor.org_id,
+                                                  sha256)
+            except Exception:  # noqa: BLE001 - the sweep gets it; answer the first error
+                current_app.logger.warning("attachment cleanup deferred to the sweep")
+        raise
 
 
 DECISION_OUTCOMES = tuple(case_actions.ACTION_BY_OUTCOME)
