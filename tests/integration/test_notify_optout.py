@@ -326,6 +326,12 @@ def test_unsubscribe_link_confirms_on_get_and_applies_on_post(svc, client, org_t
     # RFC 8058: the mail client POSTs `List-Unsubscribe=One-Click` to the URI
     done = client.post(path, data={"List-Unsubscribe": "One-Click"})
     assert done.status_code == 200 and "Done" in done.get_data(as_text=True)
+    with svc.engine.connect() as conn:  # audited: the organization and the message, no address
+        [audited] = conn.execute(sa.select(t.audit_events).where(
+            t.audit_events.c.request_id == done.headers["X-Request-Id"])).mappings().all()
+    assert (audited["action"], audited["org_id"], audited["outcome"]) == (
+        "opt_out", ORG, "success")
+    assert audited["entity_id"].startswith("ntf_") and mail not in str(dict(audited))
     again = client.post(path, data={"List-Unsubscribe": "One-Click"})
     assert again.status_code == 200
     [row] = [r for r in optout_rows(svc) if r["address_hash"] == hashed]
