@@ -118,7 +118,7 @@ def test_S11_production_refuses_unsafe_configuration(settings, services, monkeyp
         create_app(_prod_settings(settings), services)
     text = " | ".join(err.value.problems)
     for needle in ("DEBUG", "CORS", "TLS verification", "payer demo: callback secret",
-                   "https"):
+                   "https", "AUTHSVC_PROVIDER_WEBHOOK_SECRET"):
         assert needle in text, text
     from flask import Flask
 
@@ -136,7 +136,7 @@ def test_S11_a_safe_production_configuration_starts(settings, services, monkeypa
         "postgresql+psycopg://app@127.0.0.1:5432/authsvc"
     prod = _prod_settings(settings, public_url="https://authsvc.example",
                           redis_url=settings.redis_url or "redis://127.0.0.1:6379/0",
-                          database_url=db)
+                          database_url=db, provider_webhook_secret="m" * 48)
     if not (prod.redis_url or "").startswith(("redis://127.", "unix:")):
         pytest.skip("test Redis is not on loopback")
     app = create_app(prod, services)
