@@ -211,3 +211,42 @@ def test_paths_are_made_of_hashes_and_safe_organization_names(tmp_path):
             attachment_files.path_for(tmp_path, "org-a", bad)
     with pytest.raises(attachment_files.Unreadable):
         attachment_files.read(str(tmp_path / "other-name"), sha)
+
+
+def test_cleanup_waits_for_an_upload_of_the_same_bytes_still_in_flight(services, folder,
+                                                                        case_id):
+    """The content lock: a failed upload's cleanup cannot delete the file a concurrent upload
+    of the same bytes has written but not yet committed (PostgreSQL; SQLite serializes)."""
+    import threading
+
+    from authsvc.service_layer.context import Actor
+
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("two concurrent write transactions need PostgreSQL")
+    written, release = threading.Event(), threading.Event()
+    ids: list[str] = []
+
+    def in_flight() -> None:
+        with services.engine.begin() as conn:
+            ids.append(case_actions.add_attachment(
+                Actor(org_id="org-a", role="coordinator"), conn, case_id, filename="a.pdf",
+                data=PDF, folder=folder))
+            written.set()
+            release.wait(10)
+
+    upload_thread = threading.Thread(target=in_flight)
+    upload_thread.start()
+    assert written.wait(10)
+    path = attachment_files.path_for(folder, "org-a", hashlib.sha256(PDF).hexdigest())
+    assert path.exists()
+    result: list[bool] = []
+    cleanup = threading.Thread(target=lambda: result.append(case_actions.discard_unreferenced(
+        services.engine, folder, "org-a", hashlib.sha256(PDF).hexdigest())))
+    cleanup.start()
+    cleanup.join(0.5)
+    assert cleanup.is_alive()  # waits for the upload's commit
+    release.set()
+    upload_thread.join(10)
+    cleanup.join(10)
+    assert result == [False] and path.read_bytes() == PDF
+    assert row_of(services, ids[0])["storage_path"] == str(path)
