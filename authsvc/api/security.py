@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from flask import Flask, Response, current_app, g, request
 from prometheus_client import Counter
@@ -273,29 +273,41 @@ def _check_member_ids(org_id: str, token_id: str, path: tuple[str, ...]) -> None
     if _strategy() is None:
         return
     member_id = _member_id_in_body(path)
-    if member_id is None:
+    if member_id is not None:
+        limit_member_ids(org_id, token_id, [member_id])
+
+
+def limit_member_ids(org_id: str, caller_id: str, member_ids: Iterable[str]) -> None:
+    """Count the member ids one caller names (a token id, or e.g. a CDS Hooks client id for
+    a route that authenticates its own way); 429 + Retry-After and the alert when the caller
+    goes over AUTHSVC_RATE_LIMIT_MEMBER_IDS distinct ids per window. Fails open."""
+    if _strategy() is None:
         return
     item = _limit("member_ids")
     redis_client = current_app.extensions["authsvc_redis"]
+    wait = 0
     try:
         script = current_app.extensions.get("authsvc_distinct_script")
         if script is None:
             script = current_app.extensions["authsvc_distinct_script"] = \
                 redis_client.register_script(_DISTINCT_LUA)
-        wait = int(script(keys=[f"authsvc-rl:member_ids:{token_id}"], args=[
-            f"{time.time():.3f}", item.get_expiry(), item.amount,  # type: ignore[attr-defined]
-            member_pseudonym(member_id)]))
+        for member_id in member_ids:
+            wait = int(script(keys=[f"authsvc-rl:member_ids:{caller_id}"], args=[
+                f"{time.time():.3f}", item.get_expiry(),  # type: ignore[attr-defined]
+                item.amount, member_pseudonym(member_id)]))  # type: ignore[attr-defined]
+            if wait > 0:
+                break
     except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
         log.warning("rate limit storage unavailable: %s", type(exc).__name__)
         return
     if wait <= 0:
         return
     SECURITY_ALERTS.labels("member_id_enumeration").inc()
-    log.warning("ALERT possible member-id enumeration: token %s of organization %s named "
-                "more than %s distinct member ids in %s s", token_id, org_id,
+    log.warning("ALERT possible member-id enumeration: caller %s of organization %s named "
+                "more than %s distinct member ids in %s s", caller_id, org_id,
                 item.amount, item.get_expiry(),  # type: ignore[attr-defined]
                 extra={"event": "alert:member_id_enumeration", "status": 429})
-    raise _refuse("member_ids", wait, org_id, token_id)
+    raise _refuse("member_ids", wait, org_id, caller_id)
 
 
 def check_auth_failures() -> None:

@@ -240,3 +240,23 @@ def test_S10_wrong_tokens_from_one_address_are_throttled_and_all_audited(setting
                       environ_base={"REMOTE_ADDR": addr}).status_code == 429
     assert client.get("/v1/orders", headers=auth(good),
                       environ_base={"REMOTE_ADDR": fresh_addr()}).status_code == 200
+
+
+def test_S10_a_route_with_its_own_authentication_can_use_the_same_limit(app, services):
+    """`security.limit_member_ids` for callers that are not API tokens (e.g. a CDS Hooks
+    client whose hook answer tells whether a coverage is active)."""
+    from authsvc.api import security
+    from authsvc.api.errors import ApiProblem
+
+    caller = f"cdsc_{uuid.uuid4().hex[:12]}"
+    before = app.config["AUTHSVC_RATE_LIMIT_MEMBER_IDS"]
+    app.config["AUTHSVC_RATE_LIMIT_MEMBER_IDS"] = "2/minute"
+    try:
+        with app.test_request_context("/cds-services/order-select", method="POST"):
+            security.limit_member_ids("org-a", caller, ["SIM-A-1", "SIM-A-2", "SIM-A-1"])
+            with pytest.raises(ApiProblem) as refused:
+                security.limit_member_ids("org-a", caller, ["SIM-A-3"])
+    finally:
+        app.config["AUTHSVC_RATE_LIMIT_MEMBER_IDS"] = before
+    assert refused.value.status == 429 and int(refused.value.headers["Retry-After"]) >= 1
+    assert [r["route"] for r in _limit_rows(services, caller)] == ["/cds-services/<service_id>"]
