@@ -79,6 +79,12 @@ def case_list(conn: sa.Connection, org_id: str, f: WorklistFilter, *, cursor: st
     return {"items": items, "next_cursor": next_cursor}
 
 
+def state_counts(conn: sa.Connection, org_id: str, states: tuple[str, ...]) -> dict[str, int]:
+    """Cases per state for the worklist's header (every state asked for, zeros included)."""
+    found = rc.count_by_state(conn, org_id, states)
+    return {state: found.get(state, 0) for state in states}
+
+
 def case_detail(conn: sa.Connection, org_id: str, case_id: str, *, with_bodies: bool) -> dict:
     """`views.case_view` plus kind, notes, attachments, info requests and the timeline.
 

@@ -177,3 +177,23 @@ def test_roles_and_tenancy_on_reads(client, tokens, services, tag):
         token = tokens["org-b"][role]
         assert client.get(f"/v1/cases/{case_id}", headers=auth(token)).status_code == 404
         assert case_id not in ids_of(client, token, f"q={tag}")
+
+
+def test_state_counts_cover_the_organization_only(client, tokens, services, tag):
+    """The dashboard's counts per state: one grouped query, zeros for empty states, and
+    another organization's cases never counted."""
+    from authsvc.service_layer import worklist
+
+    states = ("pended", "submitted", "info_requested")
+    with services.engine.connect() as conn:
+        before_a = worklist.state_counts(conn, "org-a", states)
+        before_b = worklist.state_counts(conn, "org-b", states)
+    order = new_order(client, tokens["org-a"]["coordinator"], f"WL-{tag}")
+    for state in ("pended", "pended", "submitted"):
+        insert_case(services, order["id"], state)
+    with services.engine.connect() as conn:
+        after_a = worklist.state_counts(conn, "org-a", states)
+        after_b = worklist.state_counts(conn, "org-b", states)
+    assert {s: after_a[s] - before_a[s] for s in states} == {
+        "pended": 2, "submitted": 1, "info_requested": 0}
+    assert after_b == before_b

@@ -41,7 +41,6 @@ ROLES = ("coordinator", "admin")
 OPEN_STATES = tuple(s for s in cs.STATES if cs.is_open(s))
 URGENCIES = ("standard", "expedited")
 PAGE_SIZE = 25
-COUNT_CAP = 5000  # counts walk the worklist; past this the count shows as "5000+"
 MAX_REPORT_DAYS = 3 * 366
 MARKER = "authsvc_dash_was"  # "signed in before" (no secret), so an ended session says so
 LOGIN_NOTICES = ("session_expired", "session_revoked", "signed_out", "sign_in_required")
@@ -249,21 +248,9 @@ def _filters(actor: Actor) -> tuple[worklist.WorklistFilter, dict[str, str], lis
     return f, chosen, bad
 
 
-def _counts(conn, org_id: str) -> tuple[dict[str, int], int, bool]:  # type: ignore[no-untyped-def]
-    """Open cases per state, by walking the worklist itself (the service layer has no count
-    query yet; see docs/dashboard.md)."""
-    counts = dict.fromkeys(OPEN_STATES, 0)
-    cursor = None
-    seen = 0
-    while True:
-        page = worklist.case_list(conn, org_id, worklist.WorklistFilter(states=OPEN_STATES),
-                                  cursor=cursor, limit=200)
-        for item in page["items"]:
-            counts[item["state"]] = counts.get(item["state"], 0) + 1
-        seen += len(page["items"])
-        cursor = page["next_cursor"]
-        if cursor is None or seen >= COUNT_CAP:
-            return counts, seen, cursor is not None
+def _counts(conn, org_id: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Open cases per state, for the counts at the top of the worklist."""
+    return worklist.state_counts(conn, org_id, OPEN_STATES)
 
 
 @bp.route("/", methods=["GET"])
@@ -281,7 +268,7 @@ def worklist_page() -> Any:
             messages.append(_t("bad_cursor"))
             cursor = None
             page = worklist.case_list(conn, actor.org_id, f, cursor=None, limit=PAGE_SIZE)
-        counts, total, capped = _counts(conn, actor.org_id)
+        counts = _counts(conn, actor.org_id)
     now = clock.now()
     items = [{**item, "time_left": time_left(item["decision_due_at"], now)}
              for item in page["items"]]
@@ -290,7 +277,7 @@ def worklist_page() -> Any:
         {**chosen, "cursor": page["next_cursor"]})) if page["next_cursor"] else None
     context = {
         "items": items, "chosen": chosen, "messages": messages, "counts": counts,
-        "total": total, "capped": capped, "next_url": next_url, "paged": cursor is not None,
+        "total": sum(counts.values()), "next_url": next_url, "paged": cursor is not None,
         "first_url": url_for("dashboard.worklist_page") + ("?" + query if query else ""),
         "refresh_url": url_for("dashboard.worklist_page") + (
             "?" + request.query_string.decode("ascii", "replace") if request.query_string
