@@ -104,6 +104,7 @@ def main() -> int:
     ok = _wait(f"{api}/readyz") and _wait(f"http://127.0.0.1:{settings.sim_port}/sim/submissions")
     print("\nauthsvc is running" if ok else "\nauthsvc did not become ready; see the logs above")
     print(f"  API:             {api}   (OpenAPI: {api}/openapi.json, docs: {api}/docs)")
+    print(f"  dashboard:       {api}/app/   (sign in with the coordinator token below)")
     print(f"  payer simulator: http://127.0.0.1:{settings.sim_port}")
     print(f"  metrics:         {api}/metrics (all processes; {env['PROMETHEUS_MULTIPROC_DIR']})")
     for line in sinks:
