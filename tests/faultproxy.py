@@ -127,6 +127,11 @@ class FaultProxy:
                 self._server.close()
             for w in list(self._conns):
                 w.transport.abort()
+            # connections parked in `blackhole` (or mid-`slicer`) end here, not at exit
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
