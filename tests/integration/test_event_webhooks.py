@@ -262,3 +262,46 @@ def test_event_mapping_takes_only_ids_states_and_codes():
     assert every == set(ORDER_AND_CASE)  # each documented event has a timeline source
     assert set(webhooks_out.EVENT_DOCS) == set(webhooks_out.EVENTS)
     assert json.dumps(webhooks_out.EVENTS)  # plain strings
+
+
+def test_what_recording_an_event_costs_in_statements(client, tokens, services, hook):
+    """The intake hot path: a kind no webhook announces costs no statement; an organization
+    subscribed to nothing costs one SELECT per transaction; deliveries and their outbox rows
+    cost one statement on PostgreSQL (two on SQLite), however many subscribers."""
+    order = new_order(client, tokens["org-a"]["coordinator"], f"COST-{uuid.uuid4().hex[:8]}")
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # noqa: ARG001
+        statements.append(statement.split()[0].upper())
+
+    def record(conn, event: str) -> None:
+        timeline.record(conn, org_id="org-a", order_id=order["id"], at=clock.now(),
+                        event=event, actor="test")
+
+    def announced(event: str, times: int = 1) -> list[str]:
+        statements.clear()
+        with services.engine.begin() as conn:
+            sa.event.listen(conn, "before_cursor_execute", count)
+            for _ in range(times):
+                webhooks_out.announce(conn, org_id="org-a", order_id=order["id"],
+                                      case_id=None, event=event, at=clock.now(), detail=None)
+            sa.event.remove(conn, "before_cursor_execute", count)
+        return list(statements)
+
+    assert announced("coverage_assertion_reused") == []
+    assert announced("order_cancelled", times=3) == ["SELECT"]  # once per transaction
+    _subscribe(client, tokens, hook, ["order.cancelled"])
+    _subscribe(client, tokens, hook, ["order.cancelled", "order.received"])
+    inserts = ["WITH"] if services.engine.dialect.name == "postgresql" else ["INSERT"] * 2
+    assert announced("order_cancelled") == ["SELECT", *inserts]
+    with services.engine.begin() as conn:
+        record(conn, "order_cancelled")
+    d, o = t.webhook_deliveries, t.outbox
+    with services.engine.connect() as conn:
+        rows = conn.execute(sa.select(d.c.id, d.c.event_id).where(
+            d.c.org_id == "org-a", d.c.event_type == "order.cancelled",
+            d.c.payload["data"]["order_id"].as_string() == order["id"])).all()
+        queued = conn.execute(sa.select(o.c.entity_id).where(
+            o.c.entity_id.in_([r.id for r in rows]))).scalars().all()
+    assert len(rows) == 4 and len({r.event_id for r in rows}) == 2  # 2 events × 2 subscribers
+    assert sorted(queued) == sorted(r.id for r in rows)
