@@ -26,11 +26,17 @@ def encode_cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_CURSOR_CHARS = 512  # every cursor this service issues is far shorter
+
+
 def decode_cursor(cursor: str) -> Any:
+    if len(cursor) > MAX_CURSOR_CHARS:
+        raise BadCursor("unreadable cursor")
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, binascii.Error, UnicodeError) as exc:
+    except (ValueError, binascii.Error, UnicodeError, RecursionError) as exc:
+        # RecursionError: deeply nested JSON ("[[[[…") is a forged cursor, not a 500
         raise BadCursor("unreadable cursor") from exc
 
 

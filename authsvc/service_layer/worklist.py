@@ -50,12 +50,16 @@ def worklist_item(case: dict, last_event: dict | None, now: dt.datetime) -> dict
 
 
 def _decode(cursor: str) -> tuple[dt.datetime | None, str]:
+    import re
+
     data = decode_cursor(cursor)
     try:
         due = data["d"]
         case_id = data["id"]
         if not isinstance(case_id, str) or (due is not None and not isinstance(due, str)):
             raise TypeError
+        if not re.fullmatch(r"[a-z]+_[0-9a-z]+", case_id):  # e.g. a NUL PostgreSQL refuses
+            raise ValueError
         return (dt.datetime.fromisoformat(due) if due else None), case_id
     except (KeyError, TypeError, ValueError) as exc:
         raise BadCursor("unreadable cursor") from exc

@@ -197,3 +197,37 @@ def test_state_counts_cover_the_organization_only(client, tokens, services, tag)
     assert {s: after_a[s] - before_a[s] for s in states} == {
         "pended": 2, "submitted": 1, "info_requested": 0}
     assert after_b == before_b
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+FORGED_CURSORS = {
+    "nul_in_id": _b64(b'{"d":null,"id":"a\\u0000b"}'),
+    "deeply_nested": _b64(b"[" * 1200),
+    "too_long": _b64(b'{"d":null,"id":"case_' + b"a" * 600 + b'"}'),
+    "id_not_a_case_id": _b64(b'{"d":null,"id":"x; drop"}'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGED_CURSORS))
+def test_a_forged_cursor_is_a_400_problem_not_a_500(client, tokens, name):
+    resp = client.get(f"/v1/cases?cursor={FORGED_CURSORS[name]}",
+                      headers=auth(tokens["org-a"]["coordinator"]))
+    assert resp.status_code == 400, resp.get_data(as_text=True)[:300]
+    assert resp.mimetype == "application/problem+json"
+    assert "cursor" in resp.get_json()["detail"]
+
+
+def test_a_cursor_the_service_issued_still_pages_on(client, tokens, services, tag):
+    token = tokens["org-a"]["coordinator"]
+    order = new_order(client, token, f"WL-{tag}")
+    for _ in range(3):
+        insert_case(services, order["id"], "pended")
+    first = page(client, token, f"q={tag}&limit=2")
+    assert first["next_cursor"] and len(first["items"]) == 2
+    rest = page(client, token, f"q={tag}&limit=2&cursor={first['next_cursor']}")
+    assert len(rest["items"]) == 1

@@ -1,0 +1,45 @@
+"""What the security review of the dashboard found, each as what a user or an attacker would
+see: forged page links, extreme dates, odd digits, NUL characters, tampered documents, the
+audit of each page, unauthenticated form posts, file names, the language link and HSTS."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from tests.browser.dash import csrf_of, sign_in
+from tests.security.conftest import fresh_addr
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def coordinator(app, tokens):
+    client = app.test_client()
+    resp = sign_in(client, tokens["org-a"]["coordinator"],
+                   environ_base={"REMOTE_ADDR": fresh_addr()})
+    assert resp.status_code == 303
+    return client
+
+
+def _csrf(client, path: str = "/app/") -> str:  # type: ignore[no-untyped-def]
+    return csrf_of(client.get(path).get_data(as_text=True))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# ------------------------------------------------------------------ forged page links
+
+
+@pytest.mark.parametrize("cursor", [
+    _b64(b'{"d":null,"id":"a\\u0000b"}'),  # a NUL PostgreSQL refuses
+    _b64(b"[" * 1200),  # nesting deep enough for a RecursionError
+    "A" * 5000,
+])
+def test_a_forged_page_link_shows_the_first_page_with_a_message(coordinator, cursor):
+    resp = coordinator.get(f"/app/?cursor={cursor}")
+    assert resp.status_code == 200
+    assert "That page link is no longer valid" in resp.get_data(as_text=True)
