@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Generous limits for the fuzzer's own token: B14 tests the API, S10 tests the limits.
 FUZZ_ENV = {"AUTHSVC_RATE_LIMIT_TOKEN": "1000000/minute", "AUTHSVC_RATE_LIMIT_ORG":
             "1000000/minute", "AUTHSVC_RATE_LIMIT_TOKEN_WRITE": "1000000/minute",
-            "AUTHSVC_RATE_LIMIT_AUTH_FAILURES": "1000000/minute"}
+            "AUTHSVC_RATE_LIMIT_AUTH_FAILURES": "1000000/minute",
+            "AUTHSVC_RATE_LIMIT_MEMBER_IDS": "1000000/minute"}
 # Checks that need a contract the API does not make: `positive_data_acceptance` would
 # require every schema-valid body to be accepted, but ICD-10-CM existence, NPI check digits
 # and the payer list are rules a JSON Schema cannot express (422 is the documented answer).
