@@ -96,6 +96,7 @@ def _clean(values: dict[str, Any]) -> dict[str, Any]:
 
 
 _PENDING = "authsvc_audit_pending"
+_INSERT = t.audit_events.insert()  # one statement object: compiled once, cached by SQLAlchemy
 
 
 def append(conn: sa.Connection, **values: Any) -> None:
@@ -116,7 +117,7 @@ def _write_pending(conn: sa.Connection) -> None:
     for row in rows:
         row["prev_hash"] = prev
         row["hash"] = prev = row_hash(prev, row)
-        conn.execute(t.audit_events.insert().values(**row))
+        conn.execute(_INSERT, row)
 
 
 def _drop_pending(conn: sa.Connection) -> None:

@@ -7,6 +7,7 @@ anything a caller can name, the organization id: tenancy is part of every query.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,8 +34,13 @@ def ensure_organization(conn: sa.Connection, org_id: str, now: dt.datetime) -> N
     conn.execute(t.organizations.insert().values(id=org_id, name=org_id, created_at=now))
 
 
+_TOKEN_BY_HASH = sa.select(t.api_tokens).where(
+    t.api_tokens.c.token_hash == sa.bindparam("token_hash"))
+
+
 def token_by_hash(conn: sa.Connection, token_hash: str) -> Row | None:
-    return _one(conn, sa.select(t.api_tokens).where(t.api_tokens.c.token_hash == token_hash))
+    row = conn.execute(_TOKEN_BY_HASH, {"token_hash": token_hash}).mappings().first()
+    return dict(row) if row is not None else None
 
 
 # ------------------------------------------------------------------ orders
@@ -46,19 +52,29 @@ def upsert_patient(conn: sa.Connection, org_id: str, patient: dict, now: dt.date
     A single INSERT … ON CONFLICT DO UPDATE … RETURNING: one round trip, and two first
     orders for the same MRN arriving together cannot collide.
     """
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    values = {
+    return conn.execute(_patient_upsert(conn.dialect.name), {
+        "id": ids.new_id("pat"), "org_id": org_id, "mrn": patient["mrn"],
         "given_name": patient["given_name"], "family_name": patient["family_name"],
         "birth_date": patient["birth_date"], "sex": patient["sex"],
         "contacts": patient.get("contacts") or [], "updated_at": now,
-    }
-    stmt = insert(t.patients).values(id=ids.new_id("pat"), org_id=org_id, mrn=patient["mrn"],
-                                     **values)
-    stmt = stmt.on_conflict_do_update(index_elements=["org_id", "mrn"], set_=values)
-    return conn.execute(stmt.returning(t.patients.c.id)).scalar_one()
+    }).scalar_one()
+
+
+_PATIENT_DETAILS = ("given_name", "family_name", "birth_date", "sex", "contacts", "updated_at")
+
+
+@functools.cache
+def _patient_upsert(dialect: str) -> sa.Executable:
+    """The upsert statement, built once per dialect (parameters bound at execution)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(t.patients)
+    return stmt.on_conflict_do_update(
+        index_elements=["org_id", "mrn"],
+        set_={name: stmt.excluded[name] for name in _PATIENT_DETAILS},
+    ).returning(t.patients.c.id)
 
 
 def insert_order(conn: sa.Connection, values: dict, lines: Sequence[dict]) -> None:
