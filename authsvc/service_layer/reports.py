@@ -27,6 +27,19 @@ COLUMNS = ("payer_id", "urgency", "requests", "approved", "approved_pct", "denie
            "extended_pct", "avg_decision_hours", "median_decision_hours")
 GRANTED = frozenset({cs.APPROVED, cs.PARTIALLY_APPROVED, cs.MODIFIED})
 INITIAL_KINDS = frozenset({"initial", "resubmission"})
+# The dates a report may cover: wide enough for any real period, narrow enough that the
+# date arithmetic (a day before, a day after) never leaves Python's 0001-9999 range.
+EARLIEST = dt.date(2000, 1, 1)
+LATEST = dt.date(2199, 12, 31)
+
+
+def in_range(day: dt.date) -> bool:
+    return EARLIEST <= day <= LATEST
+
+
+def default_start(end: dt.date, days: int = 30) -> dt.date:
+    """The first day of the default period of `days` days ending on `end`."""
+    return max(EARLIEST, end - dt.timedelta(days=days - 1))
 
 
 def _pct(part: int, whole: int) -> float | None:
@@ -35,7 +48,10 @@ def _pct(part: int, whole: int) -> float | None:
 
 def prior_auth_metrics(conn: sa.Connection, org_id: str, start: dt.date, end: dt.date,
                        payer_id: str | None) -> dict:
-    """The report for decisions made from `start` to `end` inclusive (UTC dates)."""
+    """The report for decisions made from `start` to `end` inclusive (UTC dates), both
+    from EARLIEST to LATEST (ValueError otherwise: callers answer 4xx first)."""
+    if not (in_range(start) and in_range(end)):
+        raise ValueError(f"report dates must be from {EARLIEST} to {LATEST}")
     lo = dt.datetime.combine(start, dt.time(), dt.UTC)
     hi = dt.datetime.combine(end + dt.timedelta(days=1), dt.time(), dt.UTC)
     groups: dict[tuple[str, str], dict] = {}
@@ -75,11 +91,24 @@ def prior_auth_metrics(conn: sa.Connection, org_id: str, start: dt.date, end: dt
             "groups": out}
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    """A CSV cell; a text cell that a spreadsheet would run as a formula (=, +, -, @, tab,
+    carriage return first: OWASP "CSV injection") gets a leading `'`, so it stays text."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(report: dict) -> str:
     """One row per group with the JSON group's columns; empty cells for null."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for g in report["groups"]:
-        writer.writerow(["" if g[c] is None else g[c] for c in COLUMNS])
+        writer.writerow([_cell(g[c]) for c in COLUMNS])
     return buf.getvalue()

@@ -43,3 +43,18 @@ def test_a_forged_page_link_shows_the_first_page_with_a_message(coordinator, cur
     resp = coordinator.get(f"/app/?cursor={cursor}")
     assert resp.status_code == 200
     assert "That page link is no longer valid" in resp.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ extreme report dates
+
+
+@pytest.mark.parametrize(("query", "field"), [
+    ("to=0001-01-05", "To (YYYY-MM-DD)"),
+    ("from=0001-01-01&to=0001-01-02", "From (YYYY-MM-DD)"),
+    ("to=9999-12-31", "To (YYYY-MM-DD)")])
+def test_report_dates_out_of_range_are_a_400_page_naming_the_field(coordinator, query, field):
+    for path in ("/app/metrics", "/app/metrics.csv"):
+        resp = coordinator.get(f"{path}?{query}")
+        assert resp.status_code == 400, (path, resp.status_code)
+        text = resp.get_data(as_text=True)
+        assert f"{field}: use a date from 2000-01-01 to 2199-12-31" in text

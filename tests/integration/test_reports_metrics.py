@@ -107,3 +107,40 @@ def test_report_rules_roles_and_tenancy(client, org, tokens):
         resp = report(client, org["admin"], query)
         assert resp.status_code == 422, query
         assert resp.mimetype == "application/problem+json"
+
+
+@pytest.mark.parametrize("query", ["to=0001-01-05", "from=0001-01-01&to=0001-01-02",
+                                   "to=9999-12-31", "from=1999-12-31", "to=2200-01-01"])
+def test_dates_outside_the_supported_range_are_a_problem_naming_the_field(
+        client, org, query):
+    resp = report(client, org["admin"], query)
+    assert resp.status_code == 422, resp.get_data(as_text=True)[:300]
+    assert resp.mimetype == "application/problem+json"
+    fields = {e["field"] for e in resp.get_json()["errors"]}
+    assert fields == {name.split("=")[0] for name in query.split("&")}
+    assert {e["code"] for e in resp.get_json()["errors"]} == {"out_of_range"}
+    csv_resp = report(client, org["admin"], query, Accept="text/csv")
+    assert csv_resp.status_code == 422
+
+
+def test_the_earliest_and_latest_dates_are_accepted(client, org):
+    assert report(client, org["admin"], "from=2000-01-01&to=2000-01-02").status_code == 200
+    assert report(client, org["admin"], "to=2000-01-05").status_code == 200  # default from
+    assert report(client, org["admin"], "from=2199-12-01&to=2199-12-31").status_code == 200
+
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_stay_text():
+    from authsvc.service_layer import reports
+
+    group = dict.fromkeys(reports.COLUMNS)
+    rows = []
+    for payer in ("=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx",
+                  "demo"):
+        rows.append({**group, "payer_id": payer, "urgency": "standard", "requests": -1,
+                     "approved_pct": 50.0})
+    out = reports.to_csv({"groups": rows})
+    cells = [row[0] for row in csv.reader(io.StringIO(out))][1:]
+    assert cells == ["'=HYPERLINK(\"http://x\")", "'+1+1", "'-2+3", "'@SUM(A1)", "'\tx",
+                     "'\rx", "demo"]
+    parsed = list(csv.DictReader(io.StringIO(out)))
+    assert parsed[0]["requests"] == "-1" and parsed[0]["approved_pct"] == "50.0"  # numbers

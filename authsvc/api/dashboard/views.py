@@ -561,19 +561,24 @@ def _period() -> tuple[dt.date, dt.date, str | None, list[str]]:
         try:
             if len(raw) != 10:
                 raise ValueError
-            return dt.date.fromisoformat(raw)
+            day = dt.date.fromisoformat(raw)
         except ValueError:
             bad.append(f"{_t(name)}: {_t('bad_date')}")
             return default
+        if not reports.in_range(day):  # 0001-01-01 or 9999-12-31: the arithmetic overflows
+            bad.append(f"{_t(name)}: " + _t("date_out_of_range", earliest=reports.EARLIEST,
+                                               latest=reports.LATEST))
+            return default
+        return day
 
     end = parse("to", today)
-    start = parse("from", end - dt.timedelta(days=29))
+    start = parse("from", reports.default_start(end))
     if start > end:
         bad.append(f"{_t('from')}: > {_t('to')}")
-        start = end - dt.timedelta(days=29)
+        start = reports.default_start(end)
     if (end - start).days > MAX_REPORT_DAYS:
         bad.append(f"{_t('from')}: {_t('too_long')}")
-        start = end - dt.timedelta(days=29)
+        start = reports.default_start(end)
     payer = (request.args.get("payer_id") or "").strip() or None
     if payer is not None and len(payer) > 64:
         bad.append(f"{_t('filter_payer')}: {_t('too_long')}")

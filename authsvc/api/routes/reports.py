@@ -26,10 +26,15 @@ def _date_arg(name: str, default: dt.date, errors: list[dict]) -> dt.date:
     try:
         if len(raw) != 10:
             raise ValueError
-        return dt.date.fromisoformat(raw)
+        day = dt.date.fromisoformat(raw)
     except ValueError:
         errors.append({"field": name, "code": "invalid_format", "message": "YYYY-MM-DD"})
         return default
+    if not reports.in_range(day):
+        errors.append({"field": name, "code": "out_of_range",
+                       "message": f"a date from {reports.EARLIEST} to {reports.LATEST}"})
+        return default
+    return day
 
 
 @blp.route("/prior-auth-metrics", methods=["GET"])
@@ -47,7 +52,7 @@ def prior_auth_metrics() -> Response:
     errors: list[dict] = []
     today = clock.now().date()
     end = _date_arg("to", today, errors)
-    start = _date_arg("from", end - dt.timedelta(days=29), errors)
+    start = _date_arg("from", reports.default_start(end), errors)
     if not errors and start > end:
         errors.append({"field": "from", "code": "invalid_date_range", "message": "after `to`"})
     if not errors and (end - start).days > MAX_DAYS:
