@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from tests.browser.dash import csrf_of, sign_in
+from tests.browser.dash import csrf_of, seed_case, sign_in
 from tests.security.conftest import fresh_addr
 
 pytestmark = pytest.mark.integration
@@ -58,3 +58,28 @@ def test_report_dates_out_of_range_are_a_400_page_naming_the_field(coordinator, 
         assert resp.status_code == 400, (path, resp.status_code)
         text = resp.get_data(as_text=True)
         assert f"{field}: use a date from 2000-01-01 to 2199-12-31" in text
+
+
+# ------------------------------------------------------------------ digits (§1.9)
+
+
+@pytest.mark.parametrize("quantity", ["\u00b2", "\u0661", "\uff11", "1 2", "0", "1000"])
+def test_an_authorized_quantity_takes_ascii_digits_only(coordinator, services, tokens,
+                                                         quantity):
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    resp = coordinator.post(f"/app/cases/{case_id}/decision", data={
+        "csrf_token": _csrf(coordinator), "received_via": "phone", "outcome_1": "modified",
+        "quantity_1": quantity})
+    assert resp.status_code == 422
+    assert "Authorized quantity: a whole number from 1 to 999" in resp.get_data(as_text=True)
+    page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
+    assert 'id="case-state">Pended<' in page  # nothing recorded
+
+
+def test_an_outcome_field_numbered_in_other_digits_is_not_a_line(coordinator, services,
+                                                                 tokens):
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    resp = coordinator.post(f"/app/cases/{case_id}/decision", data={
+        "csrf_token": _csrf(coordinator), "received_via": "phone",
+        "outcome_\u0661": "approved"})
+    assert resp.status_code == 422 and "Outcome: required" in resp.get_data(as_text=True)

@@ -463,7 +463,7 @@ def decision(case_id: str) -> Any:
     reference = _text("reference", _t("reference"), errors, max_len=100)
     lines = []
     sequences = sorted({int(m.group(1)) for key in request.form
-                        if (m := re.fullmatch(r"outcome_(\d{1,4})", key))})
+                        if (m := re.fullmatch(r"outcome_([0-9]{1,4})", key))})
     for seq in sequences[:50]:
         outcome = request.form.get(f"outcome_{seq}") or ""
         if not outcome:
@@ -477,7 +477,8 @@ def decision(case_id: str) -> Any:
         qty = None
         raw_qty = (request.form.get(f"quantity_{seq}") or "").strip()
         if raw_qty:
-            if not raw_qty.isdigit() or not 1 <= int(raw_qty) <= 999:
+            # ASCII digits only: isdigit() takes "²" (int() then fails) and "١" (Arabic-Indic)
+            if not re.fullmatch(r"[0-9]{1,3}", raw_qty) or not 1 <= int(raw_qty) <= 999:
                 errors.append((f"{label} · {_t('authorized_quantity')}", _t("bad_number")))
             else:
                 qty = int(raw_qty)
