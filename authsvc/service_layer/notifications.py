@@ -25,6 +25,7 @@ whose entry for that very address now says `channel: none` is suppressed the sam
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import random
 from typing import Any
@@ -123,14 +124,20 @@ def recipients(conn: sa.Connection, org_id: str, order_id: str, kind: str) -> li
 
 def _insert_ignoring_duplicates(conn: sa.Connection, values: dict) -> bool:
     """INSERT … ON CONFLICT DO NOTHING on the notification's unique key; True when inserted."""
-    if conn.dialect.name == "postgresql":
+    # rowcount is -1 here on psycopg: RETURNING says whether the row went in
+    return conn.execute(_insert_once(conn.dialect.name), values).first() is not None
+
+
+@functools.cache
+def _insert_once(dialect: str) -> sa.Executable:
+    """The insert, built once per dialect (it runs on every order event, intake included)."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(t.notifications).values(**values).on_conflict_do_nothing(
+    return insert(t.notifications).on_conflict_do_nothing(
         index_elements=["order_id", "event", "version", "recipient", "channel"],
     ).returning(t.notifications.c.id)
-    return conn.execute(stmt).first() is not None  # rowcount is -1 here on psycopg
 
 
 def plan(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None, event: str,
