@@ -83,3 +83,115 @@ def test_an_outcome_field_numbered_in_other_digits_is_not_a_line(coordinator, se
         "csrf_token": _csrf(coordinator), "received_via": "phone",
         "outcome_\u0661": "approved"})
     assert resp.status_code == 422 and "Outcome: required" in resp.get_data(as_text=True)
+
+
+# ------------------------------------------------------------------ documents and audit
+
+
+def _audit_rows(services, request_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    import sqlalchemy as sa
+
+    from authsvc.adapters.db import tables as t
+
+    with services.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(t.audit_events).where(
+            t.audit_events.c.request_id == request_id).order_by(
+            t.audit_events.c.id)).mappings()]
+
+
+@pytest.fixture()
+def folder_app(settings, services, tmp_path):
+    """The app with AUTHSVC_ATTACHMENTS_DIR set: documents are files, checked on reading."""
+    import dataclasses
+
+    from authsvc.api import create_app
+
+    folder = tmp_path / "attachments"
+    s2 = dataclasses.replace(settings, attachments_dir=folder)
+    svc2 = dataclasses.replace(services, settings=s2)
+    return create_app(s2, svc2), folder
+
+
+def test_dashboard_documents_go_to_the_folder_and_a_tampered_file_is_never_served(
+        folder_app, services, tokens):
+    import hashlib
+    import io
+    import pathlib
+    import uuid
+
+    import sqlalchemy as sa
+
+    from authsvc.adapters.db import tables as t
+
+    app, folder = folder_app
+    client = app.test_client()
+    order_id, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    pdf = b"%PDF-1.4\n%dashboard\n" + uuid.uuid4().hex.encode()
+    resp = client.post(f"/app/cases/{case_id}/attachments", data={
+        "csrf_token": _csrf(client, f"/app/cases/{case_id}"),
+        "file": (io.BytesIO(pdf), "letter.pdf")}, content_type="multipart/form-data")
+    assert resp.status_code == 303
+    with services.engine.connect() as conn:
+        row = conn.execute(sa.select(t.attachments).where(
+            t.attachments.c.case_id == case_id)).mappings().one()
+        patient = conn.execute(sa.select(t.orders.c.patient_id).where(
+            t.orders.c.id == order_id)).scalar()
+    # stored like the API stores it: a file in the folder, no bytes in the row
+    assert row["data"] is None and row["storage_path"]
+    path = pathlib.Path(row["storage_path"])
+    assert folder in path.parents and path.read_bytes() == pdf
+    url = f"/app/cases/{case_id}/attachments/{row['id']}"
+    rid = uuid.uuid4().hex
+    ok = client.get(url, headers={"X-Request-Id": rid})
+    assert ok.status_code == 200 and ok.data == pdf
+    assert ok.headers["X-Attachment-Sha256"] == hashlib.sha256(pdf).hexdigest()
+    # the read is audited with the patient, as the case page's reads are
+    assert [(r["action"], r["entity_type"], r["entity_id"], r["patient_id"], r["outcome"])
+            for r in _audit_rows(services, rid)] == [
+        ("read", "attachment", row["id"], patient, "success")]
+    # altered on disk: a clear 503 page, never the altered bytes
+    path.write_bytes(b"%PDF-1.4\n%TAMPERED")
+    bad = client.get(url)
+    assert bad.status_code == 503 and b"TAMPERED" not in bad.data
+    assert "cannot be read or no longer matches" in bad.get_data(as_text=True)
+    assert bad.headers["Retry-After"] == "60"
+    path.unlink()  # gone: the same page, not a 500
+    gone = client.get(url)
+    assert gone.status_code == 503
+    assert "cannot be read or no longer matches" in gone.get_data(as_text=True)
+
+
+def test_a_refused_upload_leaves_no_file_behind(folder_app, services, tokens):
+    import io
+    import uuid
+
+    app, folder = folder_app
+    client = app.test_client()
+    _, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a",
+                           state="approved")
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    resp = client.post(f"/app/cases/{case_id}/attachments", data={
+        "csrf_token": _csrf(client), "file": (io.BytesIO(b"%PDF-1.4\n" + uuid.uuid4().bytes),
+                                              "late.pdf")}, content_type="multipart/form-data")
+    assert resp.status_code == 409
+    assert not [p for p in folder.rglob("*") if p.is_file()]
+
+
+def test_the_worklist_is_audited_as_a_case_search(coordinator, services):
+    import uuid
+
+    rid = uuid.uuid4().hex
+    assert coordinator.get("/app/?state=pended", headers={"X-Request-Id": rid}).status_code == 200
+    assert [(r["action"], r["entity_type"], r["outcome"])
+            for r in _audit_rows(services, rid)] == [("search", "case", "success")]
+
+
+def test_every_dashboard_page_and_form_has_its_audit_kind(app):
+    from authsvc.api.dashboard import AUDIT_KIND
+
+    dash = app.extensions["authsvc_dashboard"]
+    endpoints = {rule.endpoint for rule in dash.url_map.iter_rules()
+                 if rule.endpoint.startswith("dashboard.")}
+    assert endpoints and endpoints <= set(AUDIT_KIND), endpoints - set(AUDIT_KIND)
+    assert set(AUDIT_KIND) <= endpoints, set(AUDIT_KIND) - endpoints  # no stale key

@@ -224,7 +224,7 @@ def _now() -> dt.datetime:
 AUDIT_KIND = {
     "dashboard.login": ("dashboard_session", "login"),
     "dashboard.logout": ("dashboard_session", "logout"),
-    "dashboard.worklist": ("case", "search"),
+    "dashboard.worklist_page": ("case", "search"),
     "dashboard.case_page": ("case", "read"),
     "dashboard.attachment": ("attachment", "read"),
     "dashboard.metrics": ("report", "read"),

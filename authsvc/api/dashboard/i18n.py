@@ -213,6 +213,8 @@ EN: dict[str, str] = {
     "error_429": "Too many requests. Wait {seconds} s and try again.",
     "error_500": "Something went wrong on our side; it has been logged.",
     "error_503": "A service the dashboard needs is unavailable. Try again shortly.",
+    "attachment_unreadable": "This document's stored copy cannot be read or no longer matches "
+                             "what was uploaded. It has been logged; try again later.",
     # vocabulary
     "state_needs_input": "Needs documentation",
     "state_ready_to_submit": "Ready to submit",
@@ -486,6 +488,9 @@ ES: dict[str, str] = {
     "error_429": "Demasiadas solicitudes. Espere {seconds} s e inténtelo de nuevo.",
     "error_500": "Algo falló de nuestro lado; quedó registrado.",
     "error_503": "Un servicio que el panel necesita no está disponible. Inténtelo en breve.",
+    "attachment_unreadable": "La copia guardada de este documento no se puede leer o ya no "
+                             "coincide con lo que se subió. Quedó registrado; inténtelo más "
+                             "tarde.",
     "state_needs_input": "Falta documentación",
     "state_ready_to_submit": "Listo para enviar",
     "state_submitting": "Enviándose",

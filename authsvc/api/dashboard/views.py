@@ -8,6 +8,7 @@ check states, lock the case and audit with the patient exactly as for the JSON A
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -299,6 +300,13 @@ def _audit_read(conn, actor: Actor, entity_type: str, entity_id: str,  # type: i
                    request_id=actor.request_id, source_ip=actor.source_ip)
 
 
+def _patient_of_case(conn, org_id: str, case_id: str) -> str | None:  # type: ignore[no-untyped-def]
+    """The patient a case's order is about (for the audit row), within the organization."""
+    case = repo.case_row(conn, case_id, org_id)
+    order = repo.order_row(conn, case["order_id"], org_id) if case else None
+    return order["patient_id"] if order else None
+
+
 def _render_case(case_id: str, status: int = 200, error: str | None = None) -> Any:
     actor = _actor()
     with _engine().begin() as conn:
@@ -328,23 +336,26 @@ def case_page(case_id: str) -> Any:
 
 
 @bp.route("/cases/<case_id>/attachments/<attachment_id>", methods=["GET"])
-def attachment(case_id: str, attachment_id: str) -> Response:
-    from pathlib import Path
+def attachment(case_id: str, attachment_id: str) -> Any:
+    from authsvc.adapters.attachment_files import Unreadable
 
     actor = _actor()
     with _engine().begin() as conn:
         row = rc.attachment(conn, actor.org_id, case_id, attachment_id)
         if row is None:
             raise NotFound("attachment")
-        repo.add_audit(conn, at=clock.now(), org_id=actor.org_id, token_id=actor.token_id,
-                       role=actor.role, action="read", entity_type="attachment",
-                       entity_id=attachment_id, outcome="success",
-                       request_id=actor.request_id, source_ip=actor.source_ip)
-    data = row["data"]
-    if data is None and row["storage_path"]:
-        data = Path(row["storage_path"]).read_bytes()
-    resp = Response(bytes(data or b""), status=200, mimetype=row["content_type"])
+        _audit_read(conn, actor, "attachment", attachment_id, _patient_of_case(
+            conn, actor.org_id, case_id))
+    try:  # as GET /v1/cases/{id}/attachments/{id}: the file's SHA-256 must match the row
+        data = case_actions.attachment_bytes(row)
+    except Unreadable as exc:  # the folder is gone or the file altered: ids only in the log
+        current_app.logger.error("attachment %s unreadable: %s", attachment_id, exc)
+        body, status = render_template("error.html", status=503,
+                                       message=_t("attachment_unreadable")), 503
+        return Response(body, status, headers={"Retry-After": "60"}, mimetype="text/html")
+    resp = Response(data, status=200, mimetype=row["content_type"])
     resp.headers["Content-Disposition"] = "attachment"
+    resp.headers["X-Attachment-Sha256"] = row["sha256"]
     return resp
 
 
@@ -437,8 +448,23 @@ def upload(case_id: str) -> Any:
     if errors:
         return _invalid(case_id, errors)
     actor = _actor()
-    return _act(case_id, "done_attachment", lambda conn: case_actions.add_attachment(
-        actor, conn, case_id, filename=filename[:255] or "document", data=data, loinc=loinc))
+    services = current_app.extensions["authsvc"]
+    folder = services.settings.attachments_dir  # as POST /v1/cases/{id}/attachments
+    stored = False
+    try:
+        answer = _act(case_id, "done_attachment", lambda conn: case_actions.add_attachment(
+            actor, conn, case_id, filename=filename[:255] or "document", data=data,
+            loinc=loinc, folder=folder))
+        stored = isinstance(answer, Response) and answer.status_code == 303
+        return answer
+    finally:
+        if not stored and folder is not None:
+            # The transaction did not commit: a file it wrote is referred to by no row.
+            try:
+                case_actions.discard_unreferenced(services.engine, folder, actor.org_id,
+                                                  hashlib.sha256(data).hexdigest())
+            except Exception:  # noqa: BLE001 - the sweep gets it; answer the first error
+                current_app.logger.warning("attachment cleanup deferred to the sweep")
 
 
 def _date(name: str, label: str, errors: list[tuple[str, str]]) -> dt.date | None:
