@@ -88,3 +88,4 @@ def test_payer_clock_skew(system):
         feed = outcomes_for(billing, order["id"])
         assert [(o["outcome"], o["version"]) for o in feed] == [("approved", 1)]
         assert feed[0]["valid_to"] >= "2026-12-31"  # the payer's period, not shortened
+
