@@ -77,12 +77,14 @@ LIMIT_ENV = {
 # Where a request names a member id in its JSON body: route template → path in the body.
 MEMBER_ID_FIELDS = {"/v1/orders": ("coverage", "member_id"),
                     "/v1/orders/<order_id>/coverage": ("member_id",)}
-# One atomic step per request: forget entries older than the window; a member id already in
-# the window only refreshes its time; a new one is refused (seconds to wait returned) when
-# the token already named `limit` distinct ids, else recorded.
+# One atomic step per request, on Redis' clock (API hosts may disagree): forget entries older
+# than the window; a member id already in the window only refreshes its time; a new one is
+# refused (seconds to wait returned) when the token already named `limit` distinct ids, else
+# recorded.
 _DISTINCT_LUA = """
-local key, now, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local member = ARGV[4]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local key, window, limit, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
 if redis.call('ZSCORE', key, member) then
   redis.call('ZADD', key, now, member)
@@ -293,8 +295,8 @@ def limit_member_ids(org_id: str, caller_id: str, member_ids: Iterable[str]) -> 
                 redis_client.register_script(_DISTINCT_LUA)
         for member_id in member_ids:
             wait = int(script(keys=[f"authsvc-rl:member_ids:{caller_id}"], args=[
-                f"{time.time():.3f}", item.get_expiry(),  # type: ignore[attr-defined]
-                item.amount, member_pseudonym(member_id)]))  # type: ignore[attr-defined]
+                item.get_expiry(), item.amount,  # type: ignore[attr-defined]
+                member_pseudonym(member_id)]))
             if wait > 0:
                 break
     except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
