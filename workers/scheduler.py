@@ -23,6 +23,7 @@ from authsvc.domain import clock
 from authsvc.service_layer import expiry, failpoints, payer_work, timeline
 
 log = logging.getLogger(__name__)
+ATTACHMENT_SWEEP_S = 3600.0  # orphaned attachment files: at most an hour on disk
 
 
 class Scheduler:
@@ -123,6 +124,20 @@ class Scheduler:
                                   actor="system")
         return len(rows)
 
+    def attachment_files_once(self) -> dict[str, int]:
+        """Remove attachment files a crash left without a committed row (patient documents
+        must not linger on disk), when attachments are stored in a folder."""
+        from authsvc.service_layer import case_actions
+
+        folder = self.services.settings.attachments_dir
+        if folder is None:
+            return {"files": 0, "temporaries": 0}
+        removed = case_actions.sweep_attachment_files(self.services.engine, folder)
+        if any(removed.values()):
+            log.info("removed %d orphaned attachment files and %d temporaries",
+                     removed["files"], removed["temporaries"])
+        return removed
+
     # -------------------------------------------------------------- loop
     def stop(self) -> None:
         self._stop.set()
@@ -130,7 +145,7 @@ class Scheduler:
     def run(self) -> None:
         s = self.services.settings
         registered: set[str] = set()
-        last_sweep = last_subscribe = last_expiry = -1e9
+        last_sweep = last_subscribe = last_expiry = last_files = -1e9
         log.info("scheduler started")
         while not self._stop.is_set():
             try:
@@ -147,6 +162,9 @@ class Scheduler:
                 if mono - last_expiry >= 60.0:
                     expiry.expire_authorizations(self.services)
                     last_expiry = mono
+                if s.attachments_dir is not None and mono - last_files >= ATTACHMENT_SWEEP_S:
+                    last_files = mono
+                    self.attachment_files_once()
             except Exception as exc:  # noqa: BLE001 - keep the loop alive; the DB holds the work
                 log.warning("scheduler iteration failed: %s", type(exc).__name__)
                 moved = 0

@@ -250,3 +250,17 @@ def test_cleanup_waits_for_an_upload_of_the_same_bytes_still_in_flight(services,
     cleanup.join(10)
     assert result == [False] and path.read_bytes() == PDF
     assert row_of(services, ids[0])["storage_path"] == str(path)
+
+
+def test_the_scheduler_sweeps_orphaned_files_when_a_folder_is_set(client, coord, services,
+                                                                  folder, case_id):
+    """The scheduler runs the sweep (at start, then hourly): a file a crash left behind does
+    not stay on disk, a committed attachment does."""
+    from workers.scheduler import Scheduler
+
+    kept = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    kept_path = Path(row_of(services, kept["id"])["storage_path"])
+    orphan = attachment_files.put(folder, "org-a", PNG)
+    assert Scheduler(services, broker=None).attachment_files_once() == {
+        "files": 1, "temporaries": 0}
+    assert not orphan.exists() and kept_path.exists()
