@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import http.cookiejar
+import io
 import re
 import threading
 import time
@@ -329,3 +330,186 @@ def test_S4_a_form_sent_after_the_idle_timeout_asks_to_sign_in_again_and_does_no
     sign_in(client, tokens["org-a"]["coordinator"])
     assert "typed before lunch" not in client.get(f"/app/cases/{case_id}").get_data(
         as_text=True)
+
+
+# ------------------------------------------------------------------ the server's session record
+
+
+def _session_count(services, case_id: str, text: str) -> int:  # type: ignore[no-untyped-def]
+    with services.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(t.case_notes).where(
+            t.case_notes.c.case_id == case_id, t.case_notes.c.text == text)).scalar()
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_the_cookie(app, tokens, services):
+    client = app.test_client()
+    _, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    copied = client.get_cookie("authsvc_dash").value  # e.g. taken from a shared computer
+    form = csrf_of(client.get(f"/app/cases/{case_id}").get_data(as_text=True))
+    resp = client.post("/app/logout", data={"csrf_token": form})
+    assert resp.status_code == 303 and "notice=signed_out" in resp.headers["Location"]
+    thief = app.test_client()
+    thief.set_cookie("authsvc_dash", copied)
+    resp = thief.get("/app/")
+    assert resp.status_code == 303 and "/app/login?notice=session_ended" in resp.headers[
+        "Location"]
+    thief.set_cookie("authsvc_dash", copied)
+    resp = thief.post(f"/app/cases/{case_id}/notes",
+                      data={"csrf_token": form, "text": "after sign-out"})
+    assert resp.status_code == 303 and "/app/login" in resp.headers["Location"]
+    assert _session_count(services, case_id, "after sign-out") == 0
+    page = thief.get("/app/login?notice=session_ended").get_data(as_text=True)
+    assert "Your session has ended. Sign in again." in page
+
+
+def test_signing_in_again_ends_the_earlier_session(app, tokens):
+    client = app.test_client()
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    first = client.get_cookie("authsvc_dash").value
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    assert client.get("/app/").status_code == 200
+    old = app.test_client()
+    old.set_cookie("authsvc_dash", first)
+    assert old.get("/app/").status_code == 303
+
+
+@pytest.fixture()
+def short_max_app(settings, services, monkeypatch):
+    from authsvc.api import create_app
+
+    monkeypatch.setenv("AUTHSVC_DASHBOARD_MAX_SECONDS", "1800")
+    return create_app(settings, services)
+
+
+def test_a_session_ends_at_its_maximum_length_however_active(short_max_app, tokens):
+    import time_machine
+
+    client = short_max_app.test_client()
+    start = dt.datetime.now(dt.UTC)
+    with time_machine.travel(start, tick=False):
+        sign_in(client, tokens["org-a"]["coordinator"],
+                environ_base={"REMOTE_ADDR": fresh_addr()})
+    for minutes in (10, 20, 29):  # busy all along, never idle
+        with time_machine.travel(start + dt.timedelta(minutes=minutes), tick=False):
+            assert client.get("/app/").status_code == 200
+    with time_machine.travel(start + dt.timedelta(minutes=30, seconds=5), tick=False):
+        resp = client.get("/app/")
+        assert resp.status_code == 303
+        assert "/app/login?notice=session_too_long" in resp.headers["Location"]
+        page = client.get(resp.headers["Location"]).get_data(as_text=True)
+        assert "Your session reached its maximum length of 0.5 h. Sign in again." in page
+        assert client.get("/app/").status_code == 303  # not revived
+        sign_in(client, tokens["org-a"]["coordinator"],
+                environ_base={"REMOTE_ADDR": fresh_addr()})
+        assert client.get("/app/").status_code == 200
+
+
+def test_the_maximum_length_setting_is_checked(settings):
+    from authsvc.api.dashboard.config import DashboardConfig, DashboardConfigError
+
+    assert DashboardConfig.from_env(settings, {}).max_seconds == 12 * 3600
+    assert DashboardConfig.from_env(settings, {"AUTHSVC_DASHBOARD_MAX_SECONDS": "600"}
+                                    ).max_seconds == 600
+    for bad in ("0", "-5", "\u0661\u0662", "1e3", "604801"):
+        with pytest.raises(DashboardConfigError):
+            DashboardConfig.from_env(settings, {"AUTHSVC_DASHBOARD_MAX_SECONDS": bad})
+
+
+def test_the_server_record_lives_for_the_idle_window_and_a_poll_does_not_extend_it(
+        app, tokens):
+    from authsvc.api.dashboard import views
+
+    client = app.test_client()
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    dash = app.extensions["authsvc_dashboard"]
+    cookie = dash.session_interface.get_signing_serializer(dash).loads(
+        client.get_cookie("authsvc_dash").value)
+    assert set(cookie) >= {"sid", "tid"}  # an id of the record, never the token itself
+    key = views._record_key(cookie["sid"])
+    redis_client = app.extensions["authsvc_redis"]
+    assert IDLE - 30 < redis_client.ttl(key) <= IDLE
+    redis_client.expire(key, 100)  # as if 800 s had passed
+    assert client.get("/app/", headers={"X-Dashboard-Poll": "1"}).status_code == 200
+    assert redis_client.ttl(key) <= 100  # the auto-refresh did not extend it
+    assert client.get("/app/").status_code == 200  # a person's request does
+    assert IDLE - 30 < redis_client.ttl(key) <= IDLE
+    redis_client.delete(key)  # the record gone (e.g. Redis restarted): sign in again
+    assert client.get("/app/").status_code == 303
+
+
+def test_without_redis_the_dashboard_refuses_with_a_503_page(settings, services, tokens):
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from authsvc.api import create_app
+    from tests.conftest import free_port
+
+    app = create_app(settings, services)
+    dash = app.extensions["authsvc_dashboard"]
+    client = app.test_client()
+    _, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    form = csrf_of(client.get(f"/app/cases/{case_id}").get_data(as_text=True))
+    working = dash.extensions["authsvc_redis"]
+    dash.extensions["authsvc_redis"] = redis.Redis(  # nothing listens there
+        host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0))
+    try:
+        for resp in (client.get("/app/"), client.get(f"/app/cases/{case_id}"),
+                     client.post(f"/app/cases/{case_id}/notes",
+                                 data={"csrf_token": form, "text": "while redis is down"})):
+            assert resp.status_code == 503, resp.status_code
+            assert resp.headers["Retry-After"] == "30"
+            text = resp.get_data(as_text=True)
+            assert "Sign-in sessions cannot be checked right now" in text
+        assert _session_count(services, case_id, "while redis is down") == 0
+        fresh = app.test_client()
+        resp = sign_in(fresh, tokens["org-a"]["coordinator"],
+                       environ_base={"REMOTE_ADDR": fresh_addr()})
+        assert resp.status_code == 503  # no session is started that could not be ended
+        assert fresh.get("/app/").status_code == 303
+    finally:
+        dash.extensions["authsvc_redis"] = working
+    assert client.get("/app/").status_code == 200  # a blip does not sign anyone out
+
+
+class _Tracked(io.BytesIO):
+    """A request body that counts what the server read of it."""
+
+    consumed = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self.consumed += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        n = super().readinto(buffer)
+        self.consumed += n
+        return n
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = super().readline(size)
+        self.consumed += len(data)
+        return data
+
+
+def test_a_form_post_without_a_session_is_refused_before_its_body_is_read(
+        app, tokens, services):
+    _, case_id = seed_case(app.test_client(), services, tokens["org-a"]["clinician"], "org-a")
+    boundary = "xyz"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"a.pdf\"\r\nContent-Type: application/pdf\r\n\r\n").encode() + (
+        b"%PDF-" + b"0" * (2 * 1024 * 1024)) + f"\r\n--{boundary}--\r\n".encode()
+    stream = _Tracked(body)
+    resp = app.test_client().post(
+        f"/app/cases/{case_id}/attachments", input_stream=stream, content_length=len(body),
+        content_type=f"multipart/form-data; boundary={boundary}")
+    assert resp.status_code == 303 and "/app/login" in resp.headers["Location"]
+    assert stream.consumed == 0
+    # over the size limit: sent to sign in, not a 413 that says the body was looked at
+    big = app.test_client().post(
+        f"/app/cases/{case_id}/notes", data={"text": "x" * (12 * 1024 * 1024)})
+    assert big.status_code == 303 and "/app/login" in big.headers["Location"]

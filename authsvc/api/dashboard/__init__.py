@@ -8,13 +8,18 @@ cookie session, CSRF checks and HTML error pages never touch the bearer-token AP
 
 Security, in one place:
 - Sign-in takes a coordinator or admin API token once; the session (a signed cookie) holds
-  only the token id, organization, role, the last activity time and the UI language. Every
-  request re-checks the token (revocation and expiry take effect on the next request).
+  only a random session id, the token id, organization, role, the last activity time and
+  the UI language. The server's record of the session (Redis, views.SESSION_PREFIX) is
+  checked on every request and deleted at sign-out, so a copied cookie dies with it; no
+  Redis, no entry (503). Every request re-checks the token (revocation and expiry take
+  effect on the next request).
+- Maximum session length (`AUTHSVC_DASHBOARD_MAX_SECONDS`, 12 h) from the record's start.
 - Idle timeout (`AUTHSVC_DASHBOARD_IDLE_SECONDS`): enforced by our own check of the last
   activity and by the cookie signature's age; the cookie's own lifetime is the same window.
   The worklist's 30-second auto-refresh does not count as activity.
 - Cookie: HttpOnly, SameSite=Strict, Secure with the `__Host-` prefix (plain http only on
-  loopback, for `make run` and tests). CSRF: Flask-WTF on every POST (400 page on refusal).
+  loopback, for `make run` and tests). CSRF: Flask-WTF on every POST (400 page on refusal),
+  checked after the session so a POST from no one is not parsed.
 - A strict Content-Security-Policy (no inline script); JS and CSS are static files.
 - Every request is audited like the API's (`/v1/` hook in authsvc/api/security.py): PHI
   reads per entity with the patient, everything else per request, denials included.
@@ -32,6 +37,7 @@ from pathlib import Path
 from flask import Flask, Response, g, render_template, request, session
 from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
@@ -91,6 +97,9 @@ def create_dashboard(parent: Flask, settings: Settings) -> Flask:
         PERMANENT_SESSION_LIFETIME=dt.timedelta(seconds=conf.idle_seconds),
         SESSION_REFRESH_EACH_REQUEST=True,
         WTF_CSRF_TIME_LIMIT=None,  # bound to the session, which the idle timeout ends
+        # checked by views._require_session once the session is known good: a POST from
+        # no one is refused before its (up to 11 MiB) body is parsed
+        WTF_CSRF_CHECK_DEFAULT=False,
         MAX_CONTENT_LENGTH=11 * 1024 * 1024,
         SEND_FILE_MAX_AGE_DEFAULT=0,
         DASHBOARD=conf,
@@ -279,6 +288,14 @@ def _errors(dash: Flask) -> None:
         status = exc.code or 500
         key = {404: "error_404", 405: "error_405", 413: "error_413"}.get(status, "error_400")
         return _page(status if status < 500 else 500, t(key if status < 500 else "error_500"))
+
+    @dash.errorhandler(RedisError)
+    def _session_store_down(exc: RedisError):  # type: ignore[no-untyped-def]
+        # sessions are checked against Redis on every request: without it nobody is let in
+        log.warning("dashboard: session store unavailable: %s", type(exc).__name__)
+        g.deny_reason = "session_store_unavailable"
+        body, status = _page(503, t("error_session_store"))
+        return Response(body, status, headers={"Retry-After": "30"}, mimetype="text/html")
 
     @dash.errorhandler(Exception)
     def _last_resort(exc: Exception):  # type: ignore[no-untyped-def]

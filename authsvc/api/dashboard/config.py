@@ -1,6 +1,8 @@
 """Dashboard settings, read from the environment when the app is built.
 
 - `AUTHSVC_DASHBOARD_IDLE_SECONDS` (900): a session unused this long is refused.
+- `AUTHSVC_DASHBOARD_MAX_SECONDS` (43200 = 12 h): a session this old is refused however
+  active it was (sign in again).
 - `AUTHSVC_SECRET_KEY` (development: generated once into `var/dashboard-secret-key`): signs
   the session cookie; required (32+ characters) in production.
 - `AUTHSVC_DASHBOARD_SECURE_COOKIE` (auto): `1`/`0`; auto = Secure unless the public URL is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +38,7 @@ class DashboardConfig:
     idle_seconds: int
     secret_key: str
     secure_cookie: bool
+    max_seconds: int = 12 * 3600
     # why the dashboard must not serve (production without a key, or with an insecure
     # cookie): the API still starts, /app/ answers 503 and the reason is logged
     unusable: str | None = None
@@ -55,6 +59,11 @@ class DashboardConfig:
                                        "of seconds") from None
         if not 1 <= idle <= 24 * 3600:
             raise DashboardConfigError("AUTHSVC_DASHBOARD_IDLE_SECONDS must be 1 to 86400")
+        raw_max = env.get("AUTHSVC_DASHBOARD_MAX_SECONDS", str(12 * 3600))
+        if not re.fullmatch(r"[0-9]{1,6}", raw_max) or not 1 <= int(raw_max) <= 7 * 86400:
+            raise DashboardConfigError("AUTHSVC_DASHBOARD_MAX_SECONDS must be a whole number "
+                                       "of seconds from 1 to 604800")
+        longest = int(raw_max)
         raw_secure = env.get("AUTHSVC_DASHBOARD_SECURE_COOKIE", "auto").lower()
         if raw_secure in ("1", "true", "yes"):
             secure = True
@@ -72,10 +81,11 @@ class DashboardConfig:
                 unusable = "the dashboard cookie must be Secure in production"
             if unusable:
                 return cls(idle_seconds=idle, secret_key="", secure_cookie=True,
-                           unusable=unusable)
+                           max_seconds=longest, unusable=unusable)
         if not key:
             key = _dev_key(Path(settings.var_dir))
-        return cls(idle_seconds=idle, secret_key=key, secure_cookie=secure)
+        return cls(idle_seconds=idle, secret_key=key, secure_cookie=secure,
+                   max_seconds=longest)
 
 
 def _dev_key(var_dir: Path) -> str:

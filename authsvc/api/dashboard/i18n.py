@@ -35,6 +35,10 @@ EN: dict[str, str] = {
     "session_revoked": "Your token is no longer valid (revoked or expired). Sign in again.",
     "signed_out": "You are signed out.",
     "sign_in_required": "Sign in to continue.",
+    "session_ended": "Your session has ended. Sign in again.",
+    "session_too_long": "Your session reached its maximum length of {hours} h. Sign in again.",
+    "error_session_store": "Sign-in sessions cannot be checked right now (a service the "
+                           "dashboard needs is unavailable). Try again shortly.",
     # worklist
     "worklist_title": "Worklist",
     "worklist_intro": "Open cases, the nearest decision deadline first.",
@@ -313,6 +317,11 @@ ES: dict[str, str] = {
     "session_revoked": "Su token ya no es válido (revocado o caducado). Inicie sesión de nuevo.",
     "signed_out": "Ha cerrado la sesión.",
     "sign_in_required": "Inicie sesión para continuar.",
+    "session_ended": "Su sesión terminó. Inicie sesión de nuevo.",
+    "session_too_long": "Su sesión alcanzó su duración máxima de {hours} h. Inicie sesión de "
+                        "nuevo.",
+    "error_session_store": "Ahora no se pueden comprobar las sesiones (un servicio que el "
+                           "panel necesita no está disponible). Inténtelo en breve.",
     "worklist_title": "Lista de trabajo",
     "worklist_intro": "Casos abiertos, primero el plazo de decisión más cercano.",
     "counts_title": "Casos abiertos por estado",

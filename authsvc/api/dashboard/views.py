@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import logging
 import re
+import secrets
 from typing import Any
 from urllib.parse import urlencode
 
@@ -37,6 +40,7 @@ from authsvc.service_layer import case_actions, reports, views, worklist
 from authsvc.service_layer.context import Actor
 from authsvc.service_layer.views import BadCursor
 
+log = logging.getLogger(__name__)
 bp = Blueprint("dashboard", __name__)
 ROLES = ("coordinator", "admin")
 OPEN_STATES = tuple(s for s in cs.STATES if cs.is_open(s))
@@ -44,7 +48,8 @@ URGENCIES = ("standard", "expedited")
 PAGE_SIZE = 25
 MAX_REPORT_DAYS = 3 * 366
 MARKER = "authsvc_dash_was"  # "signed in before" (no secret), so an ended session says so
-LOGIN_NOTICES = ("session_expired", "session_revoked", "signed_out", "sign_in_required")
+LOGIN_NOTICES = ("session_expired", "session_revoked", "signed_out", "sign_in_required",
+                 "session_ended", "session_too_long")
 
 
 def _t(key: str, **values: object) -> str:
@@ -67,9 +72,68 @@ def _me(actor: Actor) -> str:
 # ------------------------------------------------------------------ session
 
 
+# The server's record of each signed-in session (Redis, `authsvc-dash:<sha256 of the sid>`,
+# value: token id, organization and start time; it expires after the idle window and is
+# deleted at sign-out). The signed cookie alone cannot be revoked: a copy of it would keep
+# working after sign-out. No record (signed out, idle, or Redis restarted): sign in again.
+SESSION_PREFIX = "authsvc-dash:"
+
+
+def _store():  # type: ignore[no-untyped-def]
+    return current_app.extensions["authsvc_redis"]
+
+
+def _record_key(sid: str) -> str:
+    return SESSION_PREFIX + hashlib.sha256(sid.encode()).hexdigest()
+
+
+def _record_ttl(created: float, now: float) -> int:
+    """Seconds the record may live from now: the idle window, never past the maximum."""
+    conf = current_app.config["DASHBOARD"]
+    return max(1, int(min(conf.idle_seconds, created + conf.max_seconds - now)))
+
+
+def _start_record(sid: str, token_id: str, org_id: str, now: float) -> None:
+    record = json.dumps({"tid": token_id, "org": org_id, "created": int(now)})
+    _store().set(_record_key(sid), record, ex=_record_ttl(now, now))
+
+
+def _load_record(sid: object) -> dict | None:
+    """The session's record; None when there is none (RedisError: the caller answers 503)."""
+    if not isinstance(sid, str) or not 20 <= len(sid) <= 100:
+        return None
+    raw = _store().get(_record_key(sid))
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _end_record(sid: object, *, quiet: bool = False) -> None:
+    if not isinstance(sid, str):
+        return
+    try:
+        _store().delete(_record_key(sid))
+    except Exception:  # noqa: BLE001 - only when `quiet`: the record expires by itself
+        if not quiet:
+            raise
+        log.warning("dashboard: a session record could not be deleted (it expires)")
+
+
+def _csrf_check() -> None:
+    """Flask-WTF's check, run by hand (WTF_CSRF_CHECK_DEFAULT=False) once the session is
+    known good, so a POST without a session is refused before its body is parsed."""
+    if request.method == "POST":
+        current_app.extensions["csrf"].protect()
+
+
 @bp.before_request
-def _require_session() -> Response | None:
+def _require_session() -> Any:
     if request.endpoint in ("dashboard.login",):
+        _csrf_check()
         return None
     conf = current_app.config["DASHBOARD"]
     now = clock.now().timestamp()
@@ -84,6 +148,14 @@ def _require_session() -> Response | None:
     seen = session.get("seen")
     if not isinstance(seen, int | float) or now - seen > conf.idle_seconds or now < seen - 60:
         return _to_login("session_expired", token_id)
+    sid = session.get("sid")
+    record = _load_record(sid)  # Redis down: RedisError → a 503 page, never let in
+    if record is None or record.get("tid") != token_id or record.get("org") != session.get(
+            "org"):
+        return _to_login("session_ended", token_id, "session_ended")
+    created = record.get("created")
+    if not isinstance(created, int) or now - created > conf.max_seconds:
+        return _to_login("session_too_long", token_id, "session_max_length")
     actor, reason = auth.token_actor(token_id=token_id, request_id=g.request_id,
                                      source_ip=request.remote_addr)
     if (actor is None or actor.org_id != session.get("org")
@@ -91,14 +163,17 @@ def _require_session() -> Response | None:
         return _to_login("session_revoked", token_id, reason or "token_changed")
     g.actor = actor
     security.enforce_rate_limits(actor.org_id, actor.token_id or "")
-    if not g.get("dashboard_poll"):
+    if not g.get("dashboard_poll"):  # a person's request: the idle window starts again
         session["seen"] = int(now)
+        _store().expire(_record_key(sid), _record_ttl(created, now))
+    _csrf_check()
     return None
 
 
 def _to_login(notice: str, token_id: str | None = None,
               reason: str | None = None) -> Response:
     lang = session.get("lang")
+    _end_record(session.get("sid"), quiet=True)
     session.clear()
     if lang:
         session["lang"] = lang
@@ -109,7 +184,7 @@ def _to_login(notice: str, token_id: str | None = None,
         g.deny_reason = "no_session"
     target = url_for("dashboard.login", notice=notice)
     if g.get("dashboard_poll"):
-        resp = Response(_t(notice, minutes=_idle_minutes()), status=401, mimetype="text/plain")
+        resp = Response(_notice(notice), status=401, mimetype="text/plain")
         resp.headers["X-Dashboard-Login"] = target
     else:
         resp = redirect(target, 303)
@@ -118,15 +193,16 @@ def _to_login(notice: str, token_id: str | None = None,
     return resp
 
 
-def _idle_minutes() -> str:
-    seconds = current_app.config["DASHBOARD"].idle_seconds
-    return f"{seconds / 60:g}"
+def _notice(notice: str) -> str:
+    conf = current_app.config["DASHBOARD"]
+    return _t(notice, minutes=f"{conf.idle_seconds / 60:g}",
+              hours=f"{conf.max_seconds / 3600:g}")
 
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     notice = request.args.get("notice")
-    message = _t(notice, minutes=_idle_minutes()) if notice in LOGIN_NOTICES else None
+    message = _notice(notice) if notice in LOGIN_NOTICES else None
     if request.method == "GET":
         return render_template("login.html", notice=message, error=None)
     security.check_auth_failures()  # an address guessing tokens waits (429), as for the API
@@ -147,9 +223,13 @@ def login() -> Any:
         return render_template("login.html", notice=None,
                                error=_t("signin_wrong_role", role=actor.role)), 403
     lang = session.get("lang")
+    now = clock.now().timestamp()
+    sid = secrets.token_urlsafe(32)
+    _start_record(sid, actor.token_id or "", actor.org_id, now)  # Redis down: 503 page
+    _end_record(session.get("sid"), quiet=True)  # signing in again ends the earlier one
     session.clear()  # a fresh session (and CSRF token) for the signed-in person
-    session.update(tid=actor.token_id, org=actor.org_id, role=actor.role,
-                   seen=int(clock.now().timestamp()))
+    session.update(tid=actor.token_id, org=actor.org_id, role=actor.role, sid=sid,
+                   seen=int(now))
     if lang:
         session["lang"] = lang
     session.permanent = True
@@ -163,6 +243,7 @@ def login() -> Any:
 @bp.route("/logout", methods=["POST"])
 def logout() -> Response:
     lang = session.get("lang")
+    _end_record(session.get("sid"))  # a copy of the cookie opens nothing from now on
     session.clear()
     if lang:
         session["lang"] = lang
