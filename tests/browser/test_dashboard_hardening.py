@@ -195,3 +195,76 @@ def test_every_dashboard_page_and_form_has_its_audit_kind(app):
                  if rule.endpoint.startswith("dashboard.")}
     assert endpoints and endpoints <= set(AUDIT_KIND), endpoints - set(AUDIT_KIND)
     assert set(AUDIT_KIND) <= endpoints, set(AUDIT_KIND) - endpoints  # no stale key
+
+
+# ------------------------------------------------------------------ NUL characters
+
+
+@pytest.mark.parametrize(("action", "form", "label"), [
+    ("notes", {"text": "a\x00b"}, "Note"),
+    ("resolve", {"note": "a\x00b"}, "What was done (optional)"),
+    ("appeal", {"kind": "standard", "reason": "a\x00b"}, "Reason"),
+    ("decision", {"received_via": "phone", "outcome_1": "denied", "denial_text_1": "x\x00"},
+     "Line 1 · Denial reason in words"),
+])
+def test_a_nul_character_in_a_form_is_a_400_page_naming_the_field(
+        coordinator, services, tokens, action, form, label):
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    resp = coordinator.post(f"/app/cases/{case_id}/{action}",
+                            data={"csrf_token": _csrf(coordinator), **form})
+    assert resp.status_code == 400
+    text = resp.get_data(as_text=True)
+    assert f"Not done: “{label}” contains a NUL character (\\x00)" in text
+    page = coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
+    assert 'id="case-state">Pended<' in page and "a\x00b" not in page
+
+
+def test_a_nul_character_in_a_file_name_or_the_sign_in_token_is_a_400_page(
+        app, coordinator, services, tokens):
+    import io
+
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    resp = coordinator.post(f"/app/cases/{case_id}/attachments", data={
+        "csrf_token": _csrf(coordinator),
+        "file": (io.BytesIO(b"%PDF-1.4\n%nul\n"), "a\x00b.pdf")},
+        content_type="multipart/form-data")
+    assert resp.status_code == 400
+    assert "“Document (PDF, PNG, JPEG or TIFF, at most 10 MiB)” contains a NUL" in \
+        resp.get_data(as_text=True)
+    assert "a.pdf" not in coordinator.get(f"/app/cases/{case_id}").get_data(as_text=True)
+    client = app.test_client()
+    page = client.get("/app/login").get_data(as_text=True)
+    resp = client.post("/app/login", data={"csrf_token": csrf_of(page), "token": "asv_\x00"},
+                       environ_base={"REMOTE_ADDR": fresh_addr()})
+    assert resp.status_code == 400 and "“API token” contains a NUL" in resp.get_data(
+        as_text=True)
+
+
+# ------------------------------------------------------------------ file names
+
+
+@pytest.mark.parametrize(("sent", "stored"), [
+    ("invoice\u202efdp.exe", "invoicefdp.exe"),  # right-to-left override: "exe.pdf" shown
+    ("tab\tbell\x07\x1b[31m.pdf", "tabbell[31m.pdf"),
+    ("\u200b\u2066\u2069", "document"),  # nothing but invisible characters
+    ("scans/report\u2028.pdf", "report.pdf"),
+])
+def test_upload_file_names_lose_control_and_direction_characters(
+        coordinator, services, tokens, sent, stored):
+    import io
+    import uuid
+
+    import sqlalchemy as sa
+
+    from authsvc.adapters.db import tables as t
+
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    resp = coordinator.post(f"/app/cases/{case_id}/attachments", data={
+        "csrf_token": _csrf(coordinator),
+        "file": (io.BytesIO(b"%PDF-1.4\n" + uuid.uuid4().bytes), sent)},
+        content_type="multipart/form-data")
+    assert resp.status_code == 303
+    with services.engine.connect() as conn:
+        names = conn.execute(sa.select(t.attachments.c.filename).where(
+            t.attachments.c.case_id == case_id)).scalars().all()
+    assert names == [stored]

@@ -37,6 +37,8 @@ EN: dict[str, str] = {
     "sign_in_required": "Sign in to continue.",
     "session_ended": "Your session has ended. Sign in again.",
     "session_too_long": "Your session reached its maximum length of {hours} h. Sign in again.",
+    "nul_field": "Not done: “{field}” contains a NUL character (\\x00), which is not "
+                 "allowed. Remove it and try again.",
     "error_session_store": "Sign-in sessions cannot be checked right now (a service the "
                            "dashboard needs is unavailable). Try again shortly.",
     # worklist
@@ -320,6 +322,8 @@ ES: dict[str, str] = {
     "session_ended": "Su sesión terminó. Inicie sesión de nuevo.",
     "session_too_long": "Su sesión alcanzó su duración máxima de {hours} h. Inicie sesión de "
                         "nuevo.",
+    "nul_field": "No se hizo: «{field}» contiene un carácter NUL (\\x00), que no se "
+                 "admite. Quítelo e inténtelo de nuevo.",
     "error_session_store": "Ahora no se pueden comprobar las sesiones (un servicio que el "
                            "panel necesita no está disponible). Inténtelo en breve.",
     "worklist_title": "Lista de trabajo",

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import secrets
+import unicodedata
 from typing import Any
 from urllib.parse import urlencode
 
@@ -134,7 +135,7 @@ def _csrf_check() -> None:
 def _require_session() -> Any:
     if request.endpoint in ("dashboard.login",):
         _csrf_check()
-        return None
+        return _refuse_nul()
     conf = current_app.config["DASHBOARD"]
     now = clock.now().timestamp()
     token_id = session.get("tid")
@@ -167,7 +168,56 @@ def _require_session() -> Any:
         session["seen"] = int(now)
         _store().expire(_record_key(sid), _record_ttl(created, now))
     _csrf_check()
-    return None
+    return _refuse_nul()
+
+
+FIELD_LABELS = {
+    "token": "token_label", "text": "note_label", "note": "resolve_note",
+    "reason": "appeal_reason", "level_of_care": "level_of_care", "kind": "appeal_kind",
+    "reference": "reference", "received_via": "received_via", "loinc": "loinc_label",
+    "file": "file_label", "outcome": "outcome", "auth_number": "auth_number",
+    "quantity": "authorized_quantity", "valid_from": "valid_from", "valid_to": "valid_to",
+    "denial_code": "denial_code", "denial_text": "denial_text",
+}
+
+
+def _field_label(name: str) -> str:
+    """A form field's label as the page shows it ("Line 2 · Denial reason text")."""
+    if name in FIELD_LABELS:
+        return _t(FIELD_LABELS[name])
+    match = re.fullmatch(r"([a-z_]+)_([0-9]{1,4})", name)
+    if match and match.group(1) in FIELD_LABELS:
+        line = _t("line_n", n=int(match.group(2)), code="").replace(" ()", "")
+        return f"{line} · {_t(FIELD_LABELS[match.group(1)])}"
+    shown = name.replace("\x00", "\\x00")
+    return shown if len(shown) <= 40 else shown[:40] + "…"
+
+
+def _refuse_nul() -> Any:
+    """A NUL character in any form field, field name or file name: a 400 page naming the
+    field (PostgreSQL refuses NUL in text, which was a 500), before anything is done."""
+    if request.method != "POST":
+        return None
+    found = next((key for key, value in request.form.items(multi=True)
+                  if "\x00" in key or "\x00" in value), None)
+    if found is None:
+        found = next((key for key, upload in request.files.items(multi=True)
+                      if "\x00" in key or "\x00" in (upload.filename or "")), None)
+    if found is None:
+        return None
+    g.deny_reason = "nul_character"
+    return render_template("error.html", status=400,
+                           message=_t("nul_field", field=_field_label(found))), 400
+
+
+def clean_filename(raw: str | None) -> str:
+    """The name a document is stored under: the last path part, without control or
+    formatting characters (Unicode Cc and Cf: e.g. U+202E, which shows "fdp.exe" as
+    "exe.pdf"), nor line or paragraph separators; "document" when nothing is left."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name
+                   if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")).strip()
+    return name[:255].strip() or "document"
 
 
 def _to_login(notice: str, token_id: str | None = None,
@@ -515,7 +565,7 @@ def upload(case_id: str) -> Any:
     if upload is not None:
         try:
             data = upload.read(case_actions.MAX_ATTACHMENT_BYTES + 1)
-            filename = (upload.filename or "document").replace("\\", "/").rsplit("/", 1)[-1]
+            filename = clean_filename(upload.filename)
         finally:
             upload.close()
     if len(data) > case_actions.MAX_ATTACHMENT_BYTES:
@@ -534,7 +584,7 @@ def upload(case_id: str) -> Any:
     stored = False
     try:
         answer = _act(case_id, "done_attachment", lambda conn: case_actions.add_attachment(
-            actor, conn, case_id, filename=filename[:255] or "document", data=data,
+            actor, conn, case_id, filename=filename, data=data,
             loinc=loinc, folder=folder))
         stored = isinstance(answer, Response) and answer.status_code == 303
         return answer
