@@ -268,3 +268,46 @@ def test_upload_file_names_lose_control_and_direction_characters(
         names = conn.execute(sa.select(t.attachments.c.filename).where(
             t.attachments.c.case_id == case_id)).scalars().all()
     assert names == [stored]
+
+
+# ------------------------------------------------------------------ language link, HSTS
+
+
+def _lang_link(html: str) -> str:
+    import html as htmllib
+    import re
+
+    match = re.search(r'<a href="([^"]*)" lang="(?:en|es)" hreflang', html)
+    assert match, "no language link"
+    return htmllib.unescape(match.group(1))
+
+
+def test_the_language_link_keeps_the_page_and_works_after_a_refused_form(
+        coordinator, services, tokens):
+    _, case_id = seed_case(coordinator, services, tokens["org-a"]["clinician"], "org-a")
+    link = _lang_link(coordinator.get("/app/?state=pended&urgency=standard").get_data(
+        as_text=True))
+    assert link == "/app/?state=pended&urgency=standard&lang=es"
+    # a refused form answers at its POST-only address: the link goes to the case page
+    refused = coordinator.post(f"/app/cases/{case_id}/notes",
+                               data={"csrf_token": _csrf(coordinator), "text": ""})
+    assert refused.status_code == 422
+    link = _lang_link(refused.get_data(as_text=True))
+    assert link == f"/app/cases/{case_id}?lang=es"
+    followed = coordinator.get(link)
+    assert followed.status_code == 200 and '<html lang="es">' in followed.get_data(
+        as_text=True)
+    assert _lang_link(followed.get_data(as_text=True)) == f"/app/cases/{case_id}?lang=en"
+    coordinator.get("/app/?lang=en")
+
+
+def test_hsts_is_sent_only_when_the_cookie_is_secure(app, settings, services, monkeypatch):
+    from authsvc.api import create_app
+
+    assert "Strict-Transport-Security" not in app.test_client().get("/app/login").headers
+    monkeypatch.setenv("AUTHSVC_DASHBOARD_SECURE_COOKIE", "1")
+    secure = create_app(settings, services).test_client()
+    resp = secure.get("/app/login", base_url="https://localhost")
+    assert resp.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert secure.get("/app/", base_url="https://localhost").headers[
+        "Strict-Transport-Security"] == "max-age=31536000"

@@ -18,8 +18,9 @@ Security, in one place:
   activity and by the cookie signature's age; the cookie's own lifetime is the same window.
   The worklist's 30-second auto-refresh does not count as activity.
 - Cookie: HttpOnly, SameSite=Strict, Secure with the `__Host-` prefix (plain http only on
-  loopback, for `make run` and tests). CSRF: Flask-WTF on every POST (400 page on refusal),
-  checked after the session so a POST from no one is not parsed.
+  loopback, for `make run` and tests); Strict-Transport-Security with a Secure cookie.
+  CSRF: Flask-WTF on every POST (400 page on refusal), checked after the session so a POST
+  from no one is not parsed.
 - A strict Content-Security-Policy (no inline script); JS and CSS are static files.
 - Every request is audited like the API's (`/v1/` hook in authsvc/api/security.py): PHI
   reads per entity with the patient, everything else per request, denials included.
@@ -33,6 +34,7 @@ import re
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlencode
 
 from flask import Flask, Response, g, render_template, request, session
 from flask.sessions import SecureCookieSessionInterface
@@ -65,6 +67,7 @@ HEADERS = {
     "Permissions-Policy": "geolocation=(), camera=(), microphone=()",
     "Server": "authsvc",
 }
+HSTS = "max-age=31536000"
 
 
 class DashboardSessions(SecureCookieSessionInterface):
@@ -164,13 +167,16 @@ def _hooks(dash: Flask) -> None:
         lang = g.get("lang", "en")
         return {"_": lambda key, **kw: i18n.translate(lang, key, **kw),
                 "word": lambda prefix, value: i18n.word(lang, prefix, value),
-                "lang": lang, "actor": g.get("actor")}
+                "lang": lang, "actor": g.get("actor"),
+                "lang_url": _lang_url}
 
     @dash.after_request
     def _finish(resp: Response) -> Response:
         for key, value in HEADERS.items():
             resp.headers[key] = value
         resp.headers["X-Request-Id"] = g.get("request_id", "")
+        if dash.config["SESSION_COOKIE_SECURE"]:  # served over HTTPS: browsers keep to it
+            resp.headers["Strict-Transport-Security"] = HSTS
         resp.vary.add("Cookie")
         if session and not session.permanent:
             session.permanent = True  # every dashboard cookie expires with the idle window
@@ -182,6 +188,25 @@ def _hooks(dash: Flask) -> None:
             metrics.observe(request.method, PREFIX + rule, resp.status_code,
                             time.perf_counter() - started)
         return resp
+
+
+def _lang_url(lang: str, error_page: bool = False) -> str:
+    """This page in another language: the current GET address with `lang` replaced. After a
+    form POST (its address accepts no GET) the case page it came from; from an error page
+    (which must not echo the address it refuses) the worklist."""
+    from flask import url_for
+
+    if error_page:
+        base, args = url_for("dashboard.worklist_page"), []
+    elif request.method == "GET":
+        base = request.script_root + request.path
+        args = [(k, v) for k, v in request.args.items(multi=True) if k != "lang"]
+    else:
+        case_id = (request.view_args or {}).get("case_id")
+        base = (url_for("dashboard.case_page", case_id=case_id) if case_id
+                else url_for("dashboard.worklist_page"))
+        args = []
+    return base + "?" + urlencode([*args, ("lang", lang)])
 
 
 def _audit(resp: Response) -> None:
