@@ -31,7 +31,10 @@ def create_app(settings: Settings | None = None, services=None) -> Flask:  # typ
         MAX_CONTENT_LENGTH=11 * 1024 * 1024,  # the attachment limit; JSON routes check 256 KiB
         API_TITLE="authsvc", API_VERSION="1", OPENAPI_VERSION="3.1.0",
         OPENAPI_URL_PREFIX="/", OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="docs", OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # /docs loads Swagger UI from a CDN on the dashboard's origin: a pinned version, and
+        # none at all in production (the machine-readable /openapi.json stays)
+        OPENAPI_SWAGGER_UI_PATH=None if settings.production else "docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.17.14/",
         JSON_SORT_KEYS=False,
     )
     app.extensions["authsvc"] = services
