@@ -193,7 +193,7 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
             t.orders.c.id == final["id"])).scalar()
     error_bodies += _s1_to_s3_traffic(system, final, token, other.token)
     error_bodies += _short_load(system, token)
-    error_bodies += _payer_fault_traffic(system)
+    error_bodies += _payer_fault_traffic(system, services)
     px = t.payer_exchanges
     with services.engine.connect() as conn:  # F12: each fault is a failure with a typed reason
         reasons = {r.error for r in conn.execute(sa.select(px.c.error).where(
@@ -343,7 +343,15 @@ FAULTS = [("503", 503), ("500", 500), ("429", 429), ("html", 200), ("truncated",
           ("huge", 200), ("redirect=http://127.0.0.1:{victim}/steal", 302)]
 
 
-def _payer_fault_traffic(system) -> list[bytes]:
+def _failed_exchanges(services) -> int:
+    px = t.payer_exchanges
+    with services.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(px).where(
+            px.c.org_id == "canary-org", px.c.kind == "submit",
+            px.c.error.is_not(None))).scalar()
+
+
+def _payer_fault_traffic(system, services) -> list[bytes]:
     """Canary orders while the payer misbehaves, one mode at a time (the simulator restarts
     with each; so does the worker, whose circuit breaker would otherwise stop calling after
     five failures). Waits until the payer listed a faulted call for the canary member."""
@@ -357,6 +365,7 @@ def _payer_fault_traffic(system) -> list[bytes]:
             mode = mode.format(victim=victim.getsockname()[1])
             system.kill("payer-sim")
             system.kill("worker")
+            before = _failed_exchanges(services)
             system.start("payer-sim", "payer-sim", env={"AUTHSVC_SIM_FAULT": mode})
             system.wait_http(f"{system.sim}/sim/submissions")
             system.start("worker", "worker", "--threads", "4")
@@ -375,7 +384,9 @@ def _payer_fault_traffic(system) -> list[bytes]:
                 wait_for(faulted, timeout=60)
             except TimeoutError:
                 raise AssertionError((mode, system.submissions("CANARYMBR000123"))) from None
-            time.sleep(1)  # the worker handles (and logs) the faulted answer
+            # the worker has read (up to its cap), logged and recorded the faulted answer
+            # before the next mode kills it
+            wait_for(lambda: _failed_exchanges(services) > before, timeout=60)
         with pytest.raises(TimeoutError):  # the 302 was not followed
             victim.accept()
     finally:
