@@ -376,3 +376,34 @@ def test_contact_payer_then_the_phone_decision_is_recorded(
     assert order["status"] == "approved"
     assert [(o["outcome"], o["auth_number"], o["version"]) for o in feed] == [
         ("approved", "PH-1234", 1)]
+
+
+def test_partial_approval_appealed_for_the_denied_line_only(
+        services, client, tokens, sim_factory):
+    sim = sim_factory()
+    svc = with_sim(services, sim)
+    body = order_body(f"SIM-PARTIAL-{uuid.uuid4().hex[:6]}")
+    body["lines"].append({**body["lines"][0], "sequence": 2, "code": "72149"})
+    order = client.post("/v1/orders", json=body, headers=auth(
+        tokens["org-a"]["coordinator"], **{"Idempotency-Key": uuid.uuid4().hex})).get_json()
+    with svc.engine.begin() as conn:
+        from authsvc.service_layer.orders import apply_eligibility
+
+        apply_eligibility(svc, conn, repo.latest_eligibility(conn, order["id"]), "active",
+                          clock.now())
+        case_id = repo.cases_of_order(conn, order["id"])[0]["id"]
+    partial = drive(svc, case_id)
+    assert partial["state"] == "partially_approved"
+    resp = coordinator_post(client, tokens, f"/v1/cases/{case_id}/appeal", {"kind": "standard"})
+    assert resp.status_code == 201, resp.get_json()
+    appeal = resp.get_json()
+    assert [line["sequence"] for line in appeal["lines"]] == [2]
+    assert [i["sequence"] for i in sent_claim(svc, appeal["id"])["item"]] == [2]
+    assert drive(svc, appeal["id"])["state"] == "approved"
+    with svc.engine.connect() as conn:
+        feed = repo.outcomes_of_order(conn, order["id"])
+        status = repo.order_row(conn, order["id"])["status"]
+        states = [c["state"] for c in repo.cases_of_order(conn, order["id"])]
+    assert sorted((o["sequence"], o["version"], o["outcome"]) for o in feed) == [
+        (1, 1, "approved"), (2, 1, "denied"), (2, 2, "approved")]
+    assert states == ["superseded", "approved"] and status == "approved"
