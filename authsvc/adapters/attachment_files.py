@@ -40,9 +40,25 @@ def org_dir(org_id: str) -> str:
 
 
 def path_for(root: Path, org_id: str, sha256: str) -> Path:
+    return Path(root).absolute() / relative_path(org_id, sha256)
+
+
+def relative_path(org_id: str, sha256: str) -> Path:
+    """`<org dir>/<sha[:2]>/<sha>`: where a document lives under the attachments root."""
     if not _SHA.fullmatch(sha256):
         raise ValueError("not a SHA-256 hex digest")
-    return Path(root).absolute() / org_dir(org_id) / sha256[:2] / sha256
+    return Path(org_dir(org_id)) / sha256[:2] / sha256
+
+
+def stored_path(root: Path | None, storage_path: str) -> Path:
+    """The file a row's `storage_path` names: an absolute path as is (rows written so), a
+    relative one under the configured root (`ValueError` without a root)."""
+    path = Path(storage_path)
+    if path.is_absolute():
+        return path
+    if root is None:
+        raise ValueError("a relative storage path needs AUTHSVC_ATTACHMENTS_DIR")
+    return Path(root).absolute() / path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,21 +69,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _private_dirs(path: Path) -> None:
+    """Create `path` and every missing ancestor with mode 0700 (`mkdir(parents=True)` gives
+    the ancestors the umask's mode, 0755 by default: other local users could list them)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            if not p.is_dir():
+                raise
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    """True when `path` is a file whose content hashes to `sha256`."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return False  # unreadable: written again below
+    return digest.hexdigest() == sha256
+
+
 def put(root: Path, org_id: str, data: bytes) -> Path:
     """Store `data` (atomically, once per content) and return its absolute path.
 
-    Call it while holding the content's lock (`case_actions`), so a concurrent cleanup of
-    the same content cannot delete the file between this write and the caller's commit.
+    An existing file is reused only when its bytes hash to the content's SHA-256 (a damaged
+    copy is replaced), and its modification time is refreshed, so an age-based judgement
+    never sees an old file an upload is about to refer to. Call it while holding the
+    content's lock (`case_actions`), so a concurrent cleanup of the same content cannot
+    delete the file between this write and the caller's commit.
     """
-    final = path_for(root, org_id, hashlib.sha256(data).hexdigest())
+    sha256 = hashlib.sha256(data).hexdigest()
+    final = path_for(root, org_id, sha256)
     if len(str(final)) > MAX_PATH:
         raise ValueError("AUTHSVC_ATTACHMENTS_DIR is too long a path")
-    try:
-        if final.stat().st_size == len(data):
+    if _holds(final, sha256):
+        try:
+            os.utime(final)
             return final  # already stored: content-addressed
-    except FileNotFoundError:
-        pass
-    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except FileNotFoundError:
+            pass  # removed meanwhile (not under the lock): write it again
+    _private_dirs(final.parent)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as out:

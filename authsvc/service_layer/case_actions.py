@@ -133,11 +133,13 @@ def resolve(actor: Actor, conn: sa.Connection, case_id: str, note: str | None) -
 from pathlib import Path  # noqa: E402 - attachment storage only (keeps this edit local)
 
 
-def _lock_content(conn: sa.Connection, org_id: str, sha256: str) -> None:
+def _lock_content(conn: sa.Connection, org_name: str, sha256: str) -> None:
     """Serialize everything that writes or deletes one stored file: held from the write to
-    the commit of the row that refers to it (SQLite: every write transaction already is)."""
+    the commit of the row that refers to it (SQLite: every write transaction already is).
+    Keyed by the organization's directory name (`attachment_files.org_dir`) and the content
+    hash, which the sweep knows even for an organization it has no row of."""
     if conn.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"{org_id}/{sha256}".encode()).digest()[:4],
+        key = int.from_bytes(hashlib.sha256(f"{org_name}/{sha256}".encode()).digest()[:4],
                              "big", signed=True)
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7204313, :k)"), {"k": key})
 
@@ -167,7 +169,7 @@ def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename:
     sha256 = hashlib.sha256(data).hexdigest()
     stored: dict[str, Any] = {"data": data, "storage_path": None}
     if folder is not None:
-        _lock_content(conn, case["org_id"], sha256)
+        _lock_content(conn, attachment_files.org_dir(case["org_id"]), sha256)
         path = attachment_files.put(folder, case["org_id"], data)
         stored = {"data": None, "storage_path": str(path)}
     rc.insert_attachment(conn, {
@@ -201,21 +203,47 @@ def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename:
     return attachment_id
 
 
-def attachment_bytes(row: dict) -> bytes:
+def attachment_bytes(row: dict, folder: Path | None = None) -> bytes:
     """A stored document's bytes, from the database or its file (checked against the row's
-    SHA-256: `attachment_files.Unreadable` when missing or altered)."""
+    SHA-256: `attachment_files.Unreadable` when missing or altered). An absolute
+    `storage_path` is read as is; a relative one under `folder` (AUTHSVC_ATTACHMENTS_DIR)."""
     from authsvc.adapters import attachment_files
 
     if row["data"] is not None or not row["storage_path"]:
         return bytes(row["data"] or b"")
-    return attachment_files.read(row["storage_path"], row["sha256"])
+    try:
+        path = attachment_files.stored_path(folder, row["storage_path"])
+    except ValueError:
+        raise attachment_files.Unreadable("no attachments folder configured") from None
+    return attachment_files.read(str(path), row["sha256"])
 
 
-def _referenced(conn: sa.Connection, org_id: str, path: Path) -> bool:
+def _referenced(conn: sa.Connection, org_name: str, sha256: str) -> bool:
+    """Does an attachment row of the organization stored in directory `org_name` refer to
+    this content? Decided by (organization, SHA-256), never by comparing path strings (the
+    same file has many names: a symlink, another mount, a relative root). Call it under the
+    content's lock; it reads the organizations then, so one whose first upload committed a
+    moment ago counts."""
+    from authsvc.adapters import attachment_files
+
     a = rc.t.attachments
-    return conn.execute(sa.select(a.c.id).where(a.c.org_id == org_id,
-                                                a.c.storage_path == str(path)).limit(1)
-                        ).first() is not None
+    orgs = [org_name]  # a plainly safe id is its own directory name
+    if org_name.startswith("h-"):  # or a hash of an unusual id: which one, only rows tell
+        orgs += [o for o in conn.execute(sa.select(a.c.org_id).distinct()).scalars()
+                 if attachment_files.org_dir(o) == org_name]
+    return conn.execute(sa.select(a.c.id).where(
+        a.c.org_id.in_(orgs), a.c.sha256 == sha256, a.c.storage_path.is_not(None)).limit(1)
+    ).first() is not None
+
+
+def _discard(engine: sa.Engine, root: Path, org_name: str, sha256: str) -> bool:
+    path = root / org_name / sha256[:2] / sha256
+    with engine.begin() as conn:
+        _lock_content(conn, org_name, sha256)
+        if not path.exists() or _referenced(conn, org_name, sha256):
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
 
 def discard_unreferenced(engine: sa.Engine, folder: Path, org_id: str, sha256: str) -> bool:
@@ -225,55 +253,27 @@ def discard_unreferenced(engine: sa.Engine, folder: Path, org_id: str, sha256: s
     again after."""
     from authsvc.adapters import attachment_files
 
-    path = attachment_files.path_for(folder, org_id, sha256)
-    with engine.begin() as conn:
-        _lock_content(conn, org_id, sha256)
-        if _referenced(conn, org_id, path) or not path.exists():
-            return False
-        path.unlink(missing_ok=True)
-        return True
+    attachment_files.relative_path(org_id, sha256)  # ValueError for a malformed digest
+    return _discard(engine, Path(folder).absolute(), attachment_files.org_dir(org_id), sha256)
 
 
 def sweep_attachment_files(engine: sa.Engine, folder: Path, *,
                            temporaries_after_s: float = 3600) -> dict[str, int]:
     """Remove what a crash between a file write and its commit can leave in the folder:
     files no attachment row refers to, and temporary files older than the grace period.
-    Safe while uploads run (the content lock; see `discard_unreferenced`)."""
-    import time
-
+    Every file is judged under its content lock by (organization directory, SHA-256), also
+    for an organization with no row yet, so it is safe while uploads run (see
+    `discard_unreferenced`) and whatever name the folder is reached by."""
     from authsvc.adapters import attachment_files
 
+    root = Path(folder).absolute()  # once: every path below is built from it
     removed = {"files": 0, "temporaries": 0}
-    orgs: dict[str, str] | None = None
-    for org_name, sha256, path in attachment_files.stored_files(folder):
-        if orgs is None:  # directory name → organization id (a hash for unusual ids)
-            with engine.connect() as conn:
-                orgs = {attachment_files.org_dir(o): o for o in conn.execute(
-                    sa.select(rc.t.attachments.c.org_id).distinct()).scalars()}
-        org_id = orgs.get(org_name)
-        if org_id is not None:
-            removed["files"] += discard_unreferenced(engine, folder, org_id, sha256)
-            continue
-        # No attachment row of that organization at all: its id (hence its lock) is unknown,
-        # so only a file older than the grace period (no upload lasts that long) goes.
-        try:
-            old = path.stat().st_mtime < time.time() - temporaries_after_s
-        except FileNotFoundError:
-            continue
-        with engine.connect() as conn:
-            if old and not _referenced_anywhere(conn, path):
-                path.unlink(missing_ok=True)
-                removed["files"] += 1
-    for tmp in attachment_files.stale_temporaries(folder, temporaries_after_s):
+    for org_name, sha256, _path in attachment_files.stored_files(root):
+        removed["files"] += _discard(engine, root, org_name, sha256)
+    for tmp in attachment_files.stale_temporaries(root, temporaries_after_s):
         tmp.unlink(missing_ok=True)
         removed["temporaries"] += 1
     return removed
-
-
-def _referenced_anywhere(conn: sa.Connection, path: Path) -> bool:
-    a = rc.t.attachments
-    return conn.execute(sa.select(a.c.id).where(a.c.storage_path == str(path)).limit(1)
-                        ).first() is not None
 
 
 # ------------------------------------------------------------------ decisions by phone/fax

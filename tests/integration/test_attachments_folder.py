@@ -23,7 +23,20 @@ from tests.conftest import auth
 from tests.integration.test_cases_actions import PDF, PNG, upload
 from tests.integration.test_cases_factory import insert_case, new_order
 
+_PDF, _PNG = PDF, PNG
+
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def fresh_content():  # type: ignore[no-untyped-def]
+    """Bytes no other test stored: a file is referred to by any attachment row of its
+    organization with its SHA-256, and the session's database keeps every test's rows."""
+    tail = f"\n%{uuid.uuid4().hex}\n".encode()
+    with pytest.MonkeyPatch.context() as mp:  # not `monkeypatch`: tests undo that one
+        mp.setitem(globals(), "PDF", _PDF + tail)
+        mp.setitem(globals(), "PNG", _PNG + tail)
+        yield
 
 
 @pytest.fixture()
@@ -264,3 +277,154 @@ def test_the_scheduler_sweeps_orphaned_files_when_a_folder_is_set(client, coord,
     assert Scheduler(services, broker=None).attachment_files_once() == {
         "files": 1, "temporaries": 0}
     assert not orphan.exists() and kept_path.exists()
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def download(client, coord, att):
+    return client.get(att["links"]["content"], headers=auth(coord))
+
+
+def test_a_sweep_through_another_name_of_the_folder_keeps_referenced_documents(
+        client, coord, services, folder, case_id, tmp_path, monkeypatch):
+    """The same folder reached through a symlink or a relative AUTHSVC_ATTACHMENTS_DIR: a
+    document an attachment refers to is still there afterwards and downloads."""
+    att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    orphan = attachment_files.put(folder, "org-a", PNG)
+    alias = tmp_path / "alias"
+    alias.symlink_to(folder)
+    assert case_actions.sweep_attachment_files(services.engine, alias) == {
+        "files": 1, "temporaries": 0}
+    monkeypatch.chdir(tmp_path)
+    assert case_actions.sweep_attachment_files(services.engine, Path("attachments")) == {
+        "files": 0, "temporaries": 0}
+    assert not orphan.exists()
+    got = download(client, coord, att)
+    assert got.status_code == 200 and got.data == PDF
+
+
+def test_a_relative_storage_path_is_read_under_the_configured_folder(
+        client, coord, services, folder, case_id):
+    """Rows may hold the path relative to the folder (read under the configured root) or, as
+    written earlier, absolute (read as is): both download."""
+    att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    sha = hashlib.sha256(PDF).hexdigest()
+    assert download(client, coord, att).data == PDF  # absolute, as stored
+    with services.engine.begin() as conn:
+        conn.execute(sa.update(t.attachments).where(t.attachments.c.id == att["id"])
+                     .values(storage_path=f"org-a/{sha[:2]}/{sha}"))
+    got = download(client, coord, att)
+    assert got.status_code == 200 and got.data == PDF
+
+
+def test_sweep_waits_for_the_first_upload_of_an_organization_with_no_document_yet(
+        client, tokens, services, folder):
+    """An old orphan of an organization that has no attachment row, and an upload of the
+    same bytes in flight: the sweep waits for the upload's commit and the document stays
+    downloadable."""
+    import threading
+
+    from authsvc.service_layer.context import Actor
+
+    coord_b = tokens["org-b"]["coordinator"]
+    order = new_order(client, coord_b, f"ATB-{uuid.uuid4().hex[:8]}")
+    case_b = insert_case(services, order["id"], "needs_input")
+    orphan = attachment_files.put(folder, "org-b", PDF)  # left by a crash two hours ago
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+    written, release = threading.Event(), threading.Event()
+    ids: list[str] = []
+
+    def in_flight() -> None:
+        with services.engine.begin() as conn:
+            ids.append(case_actions.add_attachment(
+                Actor(org_id="org-b", role="coordinator"), conn, case_b, filename="a.pdf",
+                data=PDF, folder=folder))
+            written.set()
+            release.wait(10)
+
+    upload_thread = threading.Thread(target=in_flight)
+    upload_thread.start()
+    assert written.wait(10)
+    assert orphan.stat().st_mtime > old + 3600  # reused, and its age refreshed
+    result: list[dict] = []
+    sweep = threading.Thread(target=lambda: result.append(
+        case_actions.sweep_attachment_files(services.engine, folder)))
+    sweep.start()
+    sweep.join(0.5)
+    assert sweep.is_alive()  # waits for the upload's commit
+    release.set()
+    upload_thread.join(10)
+    sweep.join(10)
+    assert result == [{"files": 0, "temporaries": 0}]
+    got = client.get(f"/v1/cases/{case_b}/attachments/{ids[0]}", headers=auth(coord_b))
+    assert got.status_code == 200 and got.data == PDF
+
+
+def test_a_damaged_stored_copy_is_replaced_by_the_next_upload_of_the_same_bytes(
+        client, coord, services, folder, case_id):
+    first = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    path = Path(row_of(services, first["id"])["storage_path"])
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 1  # same size, one bit off
+    path.write_bytes(bytes(damaged))
+    assert download(client, coord, first).status_code == 503
+    again = upload(client, coord, case_id, PDF)
+    assert again.status_code == 201
+    for att in again.get_json()["attachments"]:
+        got = download(client, coord, att)
+        assert got.status_code == 200 and got.data == PDF
+
+
+def test_every_directory_created_for_documents_is_private(client, coord, services, tmp_path,
+                                                         monkeypatch, case_id):
+    root = tmp_path / "new" / "attachments"
+    monkeypatch.setattr(services, "settings", services.settings.replace(attachments_dir=root))
+    att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    path = Path(row_of(services, att["id"])["storage_path"])
+    for d in (path.parent, path.parent.parent, root, root.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_a_full_disk_is_a_503_with_retry_after_and_nothing_written(
+        client, coord, services, folder, case_id, monkeypatch):
+    import errno
+
+    real_put = attachment_files.put
+    written: list[Path] = []
+
+    def put_then_disk_full(*args, **kwargs):
+        written.append(real_put(*args, **kwargs))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(attachment_files, "put", put_then_disk_full)
+    resp = upload(client, coord, case_id, PDF)
+    assert resp.status_code == 503 and resp.mimetype == "application/problem+json"
+    assert int(resp.headers["Retry-After"]) > 0
+    assert written and files_in(folder) == []  # the cleanup ran
+    with services.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.attachments).where(
+            t.attachments.c.case_id == case_id)).scalar() == 0
+    assert case_of(services, case_id)["state"] == "needs_input"
+
+
+def test_a_download_is_audited_with_the_patient_and_its_real_outcome(
+        client, coord, services, folder, case_id):
+    att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    with services.engine.connect() as conn:
+        patient_id = repo.order_row(conn, case_of(services, case_id)["order_id"])["patient_id"]
+
+    def audits() -> list[tuple]:
+        ae = t.audit_events
+        with services.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(
+                sa.select(ae.c.patient_id, ae.c.outcome).where(
+                    ae.c.entity_type == "attachment", ae.c.entity_id == att["id"])
+                .order_by(ae.c.id))]
+
+    assert download(client, coord, att).status_code == 200
+    assert audits() == [(patient_id, "success")]
+    Path(row_of(services, att["id"])["storage_path"]).unlink()
+    assert download(client, coord, att).status_code == 503
+    assert audits() == [(patient_id, "success"), (patient_id, "error")]

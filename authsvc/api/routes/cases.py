@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 from typing import Any
 
 from flask import Response, current_app, g, jsonify, request
@@ -210,20 +211,30 @@ def get_attachment(case_id: str, attachment_id: str) -> Response:
     from authsvc.adapters.attachment_files import Unreadable
 
     actor = g.actor
-    with _services().engine.begin() as conn:
+    services = _services()
+    with services.engine.connect() as conn:
         row = rc.attachment(conn, actor.org_id, case_id, attachment_id)
         if row is None:
             raise ApiProblem(404, "No such attachment.")
-        repo.add_audit(conn, at=clock.now(), org_id=actor.org_id, token_id=actor.token_id,
-                       role=actor.role, action="read", entity_type="attachment",
-                       entity_id=attachment_id, outcome="success",
-                       request_id=actor.request_id, source_ip=actor.source_ip)
+        case = repo.case_row(conn, case_id)
+        order = repo.order_row(conn, case["order_id"], actor.org_id) if case else None
+    outcome, data = "success", b""
     try:
-        data = case_actions.attachment_bytes(row)
+        data = case_actions.attachment_bytes(row, services.settings.attachments_dir)
     except Unreadable as exc:  # the folder is gone or the file altered: ids only in the log
         current_app.logger.error("attachment %s unreadable: %s", attachment_id, exc)
+        outcome = "error"
+    # Audited after the read, with the patient and what really happened (a read that ended
+    # in 503 disclosed nothing and is not recorded as one that did).
+    with services.engine.begin() as conn:
+        repo.add_audit(conn, at=clock.now(), org_id=actor.org_id, token_id=actor.token_id,
+                       role=actor.role, action="read", entity_type="attachment",
+                       entity_id=attachment_id,
+                       patient_id=order["patient_id"] if order else None, outcome=outcome,
+                       request_id=actor.request_id, source_ip=actor.source_ip)
+    if outcome != "success":
         raise ApiProblem(503, "The document's stored bytes are not available.",
-                         headers={"Retry-After": "60"}) from None
+                         headers={"Retry-After": "60"})
     resp = Response(data, status=200, mimetype=row["content_type"])
     resp.headers["Content-Disposition"] = "attachment"
     resp.headers["X-Attachment-Sha256"] = row["sha256"]
@@ -357,7 +368,7 @@ def add_attachment(case_id: str) -> Response:
         return _act(case_id, fingerprint, lambda conn: case_actions.add_attachment(
             g.actor, conn, case_id, filename=filename, data=data, loinc=loinc, folder=folder),
             status=201)
-    except BaseException:
+    except BaseException as exc:
         # The transaction did not commit: a file it wrote is referred to by no row.
         if folder is not None:
             try:
@@ -365,7 +376,15 @@ def add_attachment(case_id: str) -> Response:
                                                   sha256)
             except Exception:  # noqa: BLE001 - the sweep gets it; answer the first error
                 current_app.logger.warning("attachment cleanup deferred to the sweep")
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_FULL:
+            current_app.logger.error("attachment storage full (%s)", errno.errorcode.get(
+                exc.errno or 0, "?"))
+            raise ApiProblem(503, "The document store is full; nothing was saved. Try again "
+                             "later.", headers={"Retry-After": "300"}) from None
         raise
+
+
+_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 DECISION_OUTCOMES = tuple(case_actions.ACTION_BY_OUTCOME)
