@@ -30,3 +30,10 @@ def test_migrated_schema_matches_the_tables_module(services):
 def test_effects_are_unique_in_the_database(services, table, columns):
     uniques = sa.inspect(services.engine).get_unique_constraints(table)
     assert any(set(u["column_names"]) == columns for u in uniques)
+
+
+def test_the_stored_file_reference_check_has_an_index(services):
+    """The attachment sweep asks "does a row of this organization hold this SHA-256?" once
+    per stored file: an index answers it, not a scan of the organization's attachments."""
+    indexes = sa.inspect(services.engine).get_indexes("attachments")
+    assert any(i["column_names"] == ["org_id", "sha256"] for i in indexes)

@@ -370,6 +370,7 @@ attachments = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("sent_at", UTCDateTime),
     sa.Index("ix_attachments_case", "case_id"),
+    sa.Index("ix_attachments_org_sha256", "org_id", "sha256"),  # is a stored file referenced?
 )
 
 info_requests = sa.Table(
