@@ -18,6 +18,17 @@ def _settings() -> Settings:
     return Settings.from_env()
 
 
+def _background_settings() -> Settings:
+    """Settings for the worker and the scheduler: in production they refuse to start with a
+    development secret, as the API does (an opt-out hashed under another key than the API's
+    would be silently ignored at send time)."""
+    settings = _settings()
+    problems = settings.secret_problems() if settings.production else []
+    if problems:
+        raise SystemExit("refusing to start in production: " + "; ".join(problems))
+    return settings
+
+
 def _logging() -> None:
     from authsvc.logs import configure
 
@@ -49,6 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("keepalive", 5)
             self.cfg.set("accesslog", None)
+            # request lines up to 8 KiB (gunicorn's 4 KiB default answered a long but valid
+            # signed unsubscribe link with its own HTML 414 page)
+            self.cfg.set("limit_request_line", 8190)
 
         def load(self):  # type: ignore[no-untyped-def]
             from authsvc.api import create_app
@@ -69,7 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import workers
 
     _logging()
-    settings = _settings()
+    settings = _background_settings()
     threads = args.threads or settings.worker_threads
     broker = workers.setup(settings.replace(worker_threads=threads))
     worker = Worker(broker, worker_threads=threads, worker_timeout=1000)
@@ -93,7 +107,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from workers.scheduler import Scheduler
 
     _logging()
-    settings = _settings()
+    settings = _background_settings()
     scheduler = Scheduler(bootstrap(settings), make_broker(settings))
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stop())

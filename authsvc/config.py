@@ -83,6 +83,22 @@ class Settings:
             if env.get("AUTHSVC_ATTACHMENTS_DIR") else None,
         )
 
+    def secret_problems(self) -> list[str]:
+        """Secrets still at their public development default (or too short to be keys): every
+        process refuses to start in production with one (the API, the worker, the scheduler).
+        The provider-webhook master signs what authsvc sends providers and keys the member-id
+        pseudonyms; the notify secret signs unsubscribe links and keys the opt-out hashes
+        (with the default, anyone could forge an unsubscribe or reverse a phone's hash)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        problems = []
+        for name, env_name in (("provider_webhook_secret", "AUTHSVC_PROVIDER_WEBHOOK_SECRET"),
+                               ("notify_secret", "AUTHSVC_NOTIFY_SECRET")):
+            value = getattr(self, name)
+            if value == defaults[name] or len(value) < 32:
+                problems.append(f"{env_name} missing (development default) or shorter than "
+                                "32 characters")
+        return problems
+
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

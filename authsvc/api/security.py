@@ -22,7 +22,6 @@ and an audited 429.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import logging
@@ -139,13 +138,7 @@ def production_problems(app: Flask, settings: Settings, services: object,
             continue
         if not secret or secret == DEMO_DEV_SECRET:
             problems.append(f"payer {payer_id}: callback secret missing (development default)")
-    dev_master = next(f.default for f in dataclasses.fields(Settings)
-                      if f.name == "provider_webhook_secret")
-    if len(settings.provider_webhook_secret) < 32 or settings.provider_webhook_secret == dev_master:
-        # it derives every organization's provider-webhook signing secret (and the keyed
-        # pseudonyms of the enumeration limit): the development default is public
-        problems.append("AUTHSVC_PROVIDER_WEBHOOK_SECRET missing (development default) or "
-                        "shorter than 32 characters")
+    problems.extend(settings.secret_problems())
     if not settings.public_url.startswith("https://"):
         problems.append("AUTHSVC_PUBLIC_URL is not https")
     if env.get("AUTHSVC_RATE_LIMITS", "on") == "off":

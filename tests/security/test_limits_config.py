@@ -3,6 +3,7 @@ per-organization isolation, and S11 (safe configuration, headers, generic 500s).
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -118,7 +119,7 @@ def test_S11_production_refuses_unsafe_configuration(settings, services, monkeyp
         create_app(_prod_settings(settings), services)
     text = " | ".join(err.value.problems)
     for needle in ("DEBUG", "CORS", "TLS verification", "payer demo: callback secret",
-                   "https", "AUTHSVC_PROVIDER_WEBHOOK_SECRET"):
+                   "https", "AUTHSVC_PROVIDER_WEBHOOK_SECRET", "AUTHSVC_NOTIFY_SECRET"):
         assert needle in text, text
     from flask import Flask
 
@@ -136,11 +137,29 @@ def test_S11_a_safe_production_configuration_starts(settings, services, monkeypa
         "postgresql+psycopg://app@127.0.0.1:5432/authsvc"
     prod = _prod_settings(settings, public_url="https://authsvc.example",
                           redis_url=settings.redis_url or "redis://127.0.0.1:6379/0",
-                          database_url=db, provider_webhook_secret="m" * 48)
+                          database_url=db, provider_webhook_secret="m" * 48,
+                          notify_secret="n" * 48)
     if not (prod.redis_url or "").startswith(("redis://127.", "unix:")):
         pytest.skip("test Redis is not on loopback")
     app = create_app(prod, services)
     assert app.debug is False and app.testing is False
+
+
+@pytest.mark.parametrize("command", ["worker", "scheduler"])
+def test_S11_worker_and_scheduler_refuse_development_secrets_in_production(command, tmp_path):
+    """The background processes check the secrets too: a worker hashing opt-outs under the
+    public default key (or another key than the API's) would ignore every STOP."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AUTHSVC_ENV": "production", "AUTHSVC_VAR_DIR": str(tmp_path),
+           "AUTHSVC_PROVIDER_WEBHOOK_SECRET": "p" * 40}
+    env.pop("AUTHSVC_NOTIFY_SECRET", None)
+    done = subprocess.run([sys.executable, "-m", "authsvc.cli", command], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "AUTHSVC_NOTIFY_SECRET" in done.stderr
+    assert "AUTHSVC_PROVIDER_WEBHOOK_SECRET" not in done.stderr
 
 
 def test_S11_forced_500_is_generic_problem_json(settings, services, caplog):
