@@ -33,7 +33,10 @@ class Violation:
 def check(engine: sa.Engine, *, since: dt.datetime | None = None,
           sim_url: str | None = None, settle_seconds: int = 120,
           max_poll_interval: int = 14_400) -> list[Violation]:
-    """Every violation of I2–I7 among orders created since `since` (all when None)."""
+    """Every violation of I2–I7 among orders created since `since` (all when None).
+
+    I6 checks the notifications' states; their uniqueness per (order, event, version,
+    recipient, channel) is the table's unique constraint."""
     now = clock.now()
     stale = now - dt.timedelta(seconds=settle_seconds)
     out: list[Violation] = []
@@ -61,6 +64,17 @@ def check(engine: sa.Engine, *, since: dt.datetime | None = None,
             t.outbox.c.published_at.is_(None), t.outbox.c.available_at < stale)).all()
         for row in unpublished:
             out.append(Violation("I3", row.entity_id, f"outbox {row.actor} never published"))
+
+        # I6: every notification sent, suppressed, failed after its last attempt, or due
+        # again; a queued one past its next attempt that nobody holds was lost on the way.
+        n = t.notifications
+        for row in conn.execute(sa.select(n.c.id, n.c.next_attempt_at, n.c.claimed_until)
+                                .where(n.c.order_id.in_(ids), n.c.status == "queued")):
+            if row.next_attempt_at is None:
+                out.append(Violation("I6", row.id, "queued with no next attempt"))
+            elif row.next_attempt_at < stale and (row.claimed_until is None
+                                                  or row.claimed_until < stale):
+                out.append(Violation("I6", row.id, "queued and never attempted again"))
 
         # I5: every case final, waiting for a person, or scheduled.
         cases = conn.execute(sa.select(c).where(c.c.order_id.in_(ids))).mappings().all()

@@ -46,3 +46,32 @@ def test_lost_work_and_feed_gaps_are_violations(services, client, tokens):
 
         conn.execute(t.outbox.update().where(t.outbox.c.entity_id == "case_gone")
                      .values(published_at=clock.now()))
+
+
+def test_a_notification_stuck_in_the_queue_is_a_violation(services, client, tokens):
+    """I6: a queued notification past its next attempt that no worker holds was lost on the
+    way (its message gone); a sent one, or one due later, is fine."""
+    from authsvc.adapters.db import tables as t
+
+    since = clock.now() - dt.timedelta(seconds=1)
+    order = client.post("/v1/orders", json=order_body(), headers=auth(
+        tokens["org-b"]["clinician"], **{"Idempotency-Key": uuid.uuid4().hex})).get_json()
+    old = clock.now() - dt.timedelta(hours=2)
+    rows = {name: ids.new_id("ntf") for name in ("stuck", "sent", "later")}
+    with services.engine.begin() as conn:
+        for name, nid in rows.items():
+            conn.execute(t.notifications.insert(), {
+                "id": nid, "org_id": "org-b", "order_id": order["id"], "case_id": None,
+                "event": f"reconcile_{name}", "version": 1, "recipient": "contact:0",
+                "audience": "patient", "channel": "sms", "language": "en",
+                "template": "x", "status": "sent" if name == "sent" else "queued",
+                "attempts": 1, "created_at": old,
+                "next_attempt_at": clock.now() + dt.timedelta(hours=1) if name == "later"
+                else old})
+    found = {(v.invariant, v.entity) for v in check(services.engine, since=since,
+                                                    settle_seconds=60)}
+    assert ("I6", rows["stuck"]) in found
+    assert ("I6", rows["sent"]) not in found and ("I6", rows["later"]) not in found
+    with services.engine.begin() as conn:  # leave nothing stuck for other tests
+        conn.execute(t.notifications.update().where(
+            t.notifications.c.id.in_(list(rows.values()))).values(status="sent"))
