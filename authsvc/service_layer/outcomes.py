@@ -95,6 +95,11 @@ def _iso(value: dt.datetime) -> str:
     return value.isoformat()[:-6] + "Z"
 
 
+#: positions are a 32-bit INTEGER column: a larger "p" was never issued (and PostgreSQL
+#: would refuse to compare it: a DataError, once a 500).
+MAX_POSITION = 2**31
+
+
 def feed_page(conn: sa.Connection, org_id: str, after: str | None, limit: int) -> dict:
     """`views.outcome_feed`, made cheap per item (the feed is read in bulk by billing).
 
@@ -106,8 +111,9 @@ def feed_page(conn: sa.Connection, org_id: str, after: str | None, limit: int) -
     position = 0
     if after:
         data = decode_cursor(after)
-        if not isinstance(data, dict) or type(data.get("p")) is not int:
-            raise BadCursor("unreadable cursor")
+        if not isinstance(data, dict) or type(data.get("p")) is not int \
+                or not 0 <= data["p"] < MAX_POSITION:
+            raise BadCursor("unreadable cursor")  # beyond the column's range: not ours
         position = data["p"]
     rows = conn.execute(_FEED, {"org_id": org_id, "position": position, "limit": limit}).all()
     items = [{

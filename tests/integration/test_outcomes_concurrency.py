@@ -211,3 +211,10 @@ def test_one_audit_row_per_feed_page(client, tokens, services):
         rows = conn.execute(sa.select(a.c.action, a.c.entity_type, a.c.outcome, a.c.org_id,
                                       a.c.role).where(a.c.request_id == rid)).all()
     assert [tuple(r) for r in rows] == [("search", "outcome", "success", ORG, "billing")]
+
+
+@pytest.mark.parametrize("position", [2**31, 2**63, 10**30, -1])
+def test_a_forged_cursor_beyond_any_position_is_a_400_not_a_500(client, tokens, position):
+    resp = client.get("/v1/outcomes", query_string={"after": views.encode_cursor(
+        {"p": position})}, headers=auth(tokens[ORG]["billing"]))
+    assert resp.status_code == 400 and resp.mimetype == "application/problem+json"
