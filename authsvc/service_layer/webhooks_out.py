@@ -220,16 +220,24 @@ def _payload(conn: sa.Connection, event_type: str, payload: dict, now: dt.dateti
 
 
 def _forget_subscriptions(conn: sa.Connection) -> None:
+    if conn.invalidated:  # the connection died: its `info` is gone with it, and reading it
+        return  # would raise PendingRollbackError over the real cause (as audit._drop_pending)
     conn.info.pop(_SUBS_MEMO, None)
 
 
 # A transaction's view of the subscriptions is read once: every transaction starts afresh.
-sa.event.listen(sa.engine.Engine, "begin", _forget_subscriptions)
+# Forgotten when a transaction ends, not only when one begins: `conn.info` lives as long as
+# the pooled DBAPI connection, and an autobegin transaction's first `announce` reads the
+# memo before any statement has begun it (so "begin" has not fired yet).
+for _event in ("begin", "commit", "rollback"):
+    sa.event.listen(sa.engine.Engine, _event, _forget_subscriptions)
 
 
 def _active_subscriptions(conn: sa.Connection, org_id: str) -> list[dict]:
     """The organization's live subscriptions, read once per transaction (an order's intake
     records several timeline events; each would otherwise cost a query)."""
+    if not conn.in_transaction():  # a memo outside a transaction belongs to an earlier one
+        conn.info.pop(_SUBS_MEMO, None)
     memo = conn.info.setdefault(_SUBS_MEMO, {})
     subs = memo.get(org_id)
     if subs is None:
@@ -397,14 +405,12 @@ def deliver(services: Services, delivery_id: str) -> str:
                                claimed_until=None, last_status_code=status, last_error=None)
             rc.update_subscription(conn, sub["id"], consecutive_failures=0)
             return "delivered"
-        failures = (rc.subscription(conn, None, sub["id"]) or sub)["consecutive_failures"] + 1
-        sub_values: dict[str, Any] = {"consecutive_failures": failures}
+        failures = _count_failure(conn, sub["id"])
         if attempt <= len(RETRY_SCHEDULE):
             at = now + dt.timedelta(seconds=RETRY_SCHEDULE[attempt - 1])
             rc.update_delivery(conn, delivery_id, claimed_until=None, next_attempt_at=at,
                                last_status_code=status, last_error=error[:300])
             repo.add_outbox(conn, "deliver_webhook", delivery_id, now, available_at=at)
-            rc.update_subscription(conn, sub["id"], **sub_values)
             log.info("webhook delivery failed; retry scheduled",
                      extra={"delivery_id": delivery_id, "attempt": attempt})
             return "retry"
@@ -412,11 +418,20 @@ def deliver(services: Services, delivery_id: str) -> str:
                            next_attempt_at=None, last_status_code=status,
                            last_error=error[:300])
         if failures >= DISABLE_AFTER_FAILURES:
-            sub_values.update(disabled_at=now, disabled_reason=(
+            rc.update_subscription(conn, sub["id"], disabled_at=now, disabled_reason=(
                 f"disabled after {failures} consecutive failed attempts; last: {error}")[:300])
             log.warning("webhook subscription disabled", extra={"subscription_id": sub["id"]})
-        rc.update_subscription(conn, sub["id"], **sub_values)
         return "failed"
+
+
+def _count_failure(conn: sa.Connection, sub_id: str) -> int:
+    """Add one to the subscription's consecutive failures in the database (two workers
+    failing at once both count: a read-modify-write lost one) and return the new count."""
+    s = rc.t.webhook_subscriptions
+    count = conn.execute(s.update().where(s.c.id == sub_id).values(
+        consecutive_failures=s.c.consecutive_failures + 1).returning(
+        s.c.consecutive_failures)).scalar()
+    return int(count or 0)
 
 
 def due_deliveries(services: Services, now: dt.datetime) -> list[str]:

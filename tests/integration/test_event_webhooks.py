@@ -305,3 +305,27 @@ def test_what_recording_an_event_costs_in_statements(client, tokens, services, h
             o.c.entity_id.in_([r.id for r in rows]))).scalars().all()
     assert len(rows) == 4 and len({r.event_id for r in rows}) == 2  # 2 events × 2 subscribers
     assert sorted(queued) == sorted(r.id for r in rows)
+
+
+def test_a_subscription_made_between_two_transactions_of_one_connection_gets_the_event(
+        client, tokens, services, hook):
+    """A pooled connection's second transaction (autobegun by the event itself) sees a
+    subscription created after its first one committed: the event is delivered."""
+    order = new_order(client, tokens["org-a"]["coordinator"], f"MEMO-{uuid.uuid4().hex[:8]}")
+
+    def cancelled(conn) -> int:  # type: ignore[no-untyped-def]
+        return webhooks_out.announce(conn, org_id="org-a", order_id=order["id"], case_id=None,
+                                     event="order_cancelled", at=clock.now(), detail=None)
+
+    with services.engine.connect() as conn:
+        assert cancelled(conn) == 0  # nobody subscribes yet
+        conn.commit()
+        sub = _subscribe(client, tokens, hook, ["order.cancelled"])
+        assert cancelled(conn) == 1
+        conn.commit()
+        sub2 = _subscribe(client, tokens, hook, ["order.cancelled"])
+        assert cancelled(conn) == 2
+        conn.rollback()  # and after a rollback too: this event is not queued at all
+        assert deliveries_of(services, sub2["id"]) == []
+    [row] = deliveries_of(services, sub["id"])
+    assert row["payload"]["data"]["order_id"] == order["id"]

@@ -344,3 +344,78 @@ def test_sweep_re_enqueues_due_deliveries_after_a_redis_flush(client, tokens, se
         assert [delivery["id"]] not in queued()
     finally:
         broker.close()
+
+
+def test_redeliver_while_a_worker_is_sending_does_not_post_the_event_twice(
+        client, tokens, services, receiver, monkeypatch):
+    """"Redeliver" pressed while a worker holds the delivery's lease: the receiver gets the
+    event once (the in-flight send is not reset for a second worker to send again)."""
+    billing = tokens["org-a"]["billing"]
+    sub = subscribe(client, billing, receiver.url).get_json()
+    receiver.secret = sub["secret"]
+    record_approval(client, tokens["org-a"]["coordinator"], services, uuid.uuid4().hex[:8])
+    [delivery] = deliveries_of(services, sub["id"])
+    sending, release = threading.Event(), threading.Event()
+    real_send = webhooks_out._send
+
+    def slow_send(*args, **kwargs):  # type: ignore[no-untyped-def]
+        sending.set()
+        release.wait(10)
+        return real_send(*args, **kwargs)
+
+    monkeypatch.setattr(webhooks_out, "_send", slow_send)
+    results: list[str] = []
+    worker = threading.Thread(target=lambda: results.append(
+        webhooks_out.deliver(services, delivery["id"])))
+    worker.start()
+    assert sending.wait(10)
+    resp = client.post(f"/v1/subscriptions/{sub['id']}/redeliver", headers=auth(billing),
+                       json={"delivery_ids": [delivery["id"]]})
+    assert resp.status_code == 202 and resp.get_json()["queued"] == []
+    second: list[str] = []
+    other = threading.Thread(target=lambda: second.append(
+        webhooks_out.deliver(services, delivery["id"])))
+    other.start()
+    other.join(2)
+    release.set()
+    worker.join(10)
+    other.join(10)
+    assert results == ["delivered"] and second == ["skipped"]
+    assert len(receiver.received) == 1
+
+
+def test_two_workers_failing_at_once_both_count_towards_disabling(
+        client, tokens, services, receiver, monkeypatch):
+    """Two deliveries of one subscription fail at the same moment: two consecutive
+    failures, not one (the count is incremented in the database)."""
+    monkeypatch.setattr(webhooks_out, "RETRY_SCHEDULE", [60])
+    sub = subscribe(client, tokens["org-a"]["billing"], receiver.url).get_json()
+    receiver.secret = sub["secret"]
+    for _ in range(2):
+        record_approval(client, tokens["org-a"]["coordinator"], services,
+                        uuid.uuid4().hex[:8])
+    deliveries = [d["id"] for d in deliveries_of(services, sub["id"])]
+    assert len(deliveries) == 2
+    receiver.script = [500, 500]
+    both = threading.Barrier(2)
+    real_update = webhooks_out.rc.update_delivery
+
+    def update_together(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:  # both workers past their failure count before either commits
+            both.wait(1)
+        except threading.BrokenBarrierError:
+            pass  # the other one waits for this one's row lock: fine
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(webhooks_out.rc, "update_delivery", update_together)
+    results: list[str] = []
+    workers = [threading.Thread(target=lambda i=i: results.append(
+        webhooks_out.deliver(services, i))) for i in deliveries]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    assert results == ["retry", "retry"]
+    with services.engine.connect() as conn:
+        assert conn.execute(sa.select(t.webhook_subscriptions.c.consecutive_failures).where(
+            t.webhook_subscriptions.c.id == sub["id"])).scalar() == 2

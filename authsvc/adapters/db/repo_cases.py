@@ -262,19 +262,22 @@ def deliveries(conn: sa.Connection, sub_id: str, after: str | None, limit: int) 
 
 def reopen_deliveries(conn: sa.Connection, sub_id: str, now: dt.datetime,
                       delivery_ids: Iterable[str] | None) -> list[str]:
-    """Make failed (or the named) deliveries pending again, due now; returns their ids."""
+    """Make failed (or the named) deliveries pending again, due now; returns their ids.
+
+    A delivery a worker holds a live lease on is being sent right now and is left alone:
+    resetting its lease would let a second worker POST it again while the first still is
+    (its own outcome, delivered or a retry, follows). One conditional UPDATE, so a claim
+    that lands meanwhile is never overwritten."""
     d = t.webhook_deliveries
-    q = sa.select(d.c.id).where(d.c.subscription_id == sub_id)
-    wanted = list(delivery_ids) if delivery_ids is not None else None
-    if wanted is None:
+    q = d.update().where(d.c.subscription_id == sub_id,
+                         sa.or_(d.c.claimed_until.is_(None), d.c.claimed_until < now))
+    if delivery_ids is None:
         q = q.where(d.c.status.in_(["failed", "pending"]))
     else:
-        q = q.where(d.c.id.in_(wanted))
-    ids = list(conn.execute(q).scalars().all())
-    if ids:
-        conn.execute(d.update().where(d.c.id.in_(ids)).values(
-            status="pending", next_attempt_at=now, claimed_until=None, attempts=0))
-    return ids
+        q = q.where(d.c.id.in_(list(delivery_ids)))
+    return sorted(conn.execute(q.values(status="pending", next_attempt_at=now,
+                                        claimed_until=None, attempts=0)
+                               .returning(d.c.id)).scalars().all())
 
 
 def due_deliveries(conn: sa.Connection, now: dt.datetime, before: dt.datetime,
