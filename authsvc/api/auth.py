@@ -54,9 +54,20 @@ def _deny(reason: str, detail: str, token_id: str | None = None) -> ApiProblem:
 
 
 def authenticate() -> Actor:
+    """The caller's token → Actor, or 401. An address over its failed-authentication limit
+    gets 429 instead (checked here for a refused token; for a valid one, with the other rate
+    limits in `security.enforce_rate_limits`, one Redis round trip per request)."""
     from authsvc.api import security
 
-    security.check_auth_failures()
+    try:
+        return _token_actor_from_header()
+    except ApiProblem as exc:
+        if exc.status == 401:
+            security.check_auth_failures()
+        raise
+
+
+def _token_actor_from_header() -> Actor:
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         if "access_token" in request.args or "token" in request.args:

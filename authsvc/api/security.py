@@ -25,10 +25,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import os
 import re
-import time
+import uuid
 from collections.abc import Iterable, Mapping
 
 from flask import Flask, Response, current_app, g, request
@@ -76,26 +75,34 @@ LIMIT_ENV = {
 # Where a request names a member id in its JSON body: route template → path in the body.
 MEMBER_ID_FIELDS = {"/v1/orders": ("coverage", "member_id"),
                     "/v1/orders/<order_id>/coverage": ("member_id",)}
-# One atomic step per request, on Redis' clock (API hosts may disagree): forget entries older
-# than the window; a member id already in the window only refreshes its time; a new one is
-# refused (seconds to wait returned) when the token already named `limit` distinct ids, else
-# recorded.
-_DISTINCT_LUA = """
+# Every limit of one request in one round trip, on Redis' clock: a moving window per key (a
+# sorted set of request stamps). KEYS[i] pairs with ARGV triples (window s, limit, mode):
+# `hit` counts the request, `test` only looks (failed authentications of the address),
+# `distinct` counts a new member pseudonym (ARGV[#] last) and lets a repeat through free.
+# Nothing is recorded unless every key allows the request; else {index, seconds to wait}.
+_LIMITS_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local key, window, limit, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-if redis.call('ZSCORE', key, member) then
-  redis.call('ZADD', key, now, member)
-  return 0
+local stamp, member = ARGV[#ARGV - 1], ARGV[#ARGV]
+for i, key in ipairs(KEYS) do
+  local window, limit, mode = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), ARGV[3*i]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local free = mode == 'distinct' and redis.call('ZSCORE', key, member)
+  if not free and redis.call('ZCARD', key) >= limit then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local wait = 1
+    if oldest[2] then wait = math.max(1, math.ceil(tonumber(oldest[2]) + window - now)) end
+    return {i, wait}
+  end
 end
-if redis.call('ZCARD', key) >= limit then
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  return math.max(1, math.ceil(tonumber(oldest[2]) + window - now))
+for i, key in ipairs(KEYS) do
+  local window, mode = tonumber(ARGV[3*i-2]), ARGV[3*i]
+  if mode ~= 'test' then
+    redis.call('ZADD', key, now, mode == 'distinct' and member or stamp)
+    redis.call('PEXPIRE', key, math.ceil(window * 1000))
+  end
 end
-redis.call('ZADD', key, now, member)
-redis.call('PEXPIRE', key, math.ceil(window * 1000))
-return 0
+return {0, 0}
 """
 
 
@@ -184,20 +191,26 @@ def _strategy():  # type: ignore[no-untyped-def]
     return None if limiter is None else limiter.limiter
 
 
-def _hit(scope: str, ident: str) -> int | None:
-    """Count one request in `scope` for `ident`; the seconds to wait when over the limit."""
-    strategy = _strategy()
-    if strategy is None:
+def _limits(checks: list[tuple[str, str, str]], member: str = "") -> tuple[str, int] | None:
+    """Apply `checks` ((scope, ident, mode) as in _LIMITS_LUA) in one Redis round trip: the
+    scope refused and the seconds to wait, or None. Fails open when Redis is unavailable."""
+    if _strategy() is None or not checks:
         return None
-    item = _limit(scope)
+    script = current_app.extensions.get("authsvc_limits_script")
+    if script is None:
+        script = current_app.extensions["authsvc_limits_script"] = \
+            current_app.extensions["authsvc_redis"].register_script(_LIMITS_LUA)
+    args: list[object] = []
+    for scope, _ident, mode in checks:
+        item = _limit(scope)
+        args += [item.get_expiry(), item.amount, mode]  # type: ignore[attr-defined]
     try:
-        if strategy.hit(item, scope, ident):
-            return None
-        reset = strategy.get_window_stats(item, scope, ident).reset_time
+        index, wait = script(keys=[f"authsvc-rl:{scope}:{ident}" for scope, ident, _ in checks],
+                             args=[*args, uuid.uuid4().hex, member])
     except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
         log.warning("rate limit storage unavailable: %s", type(exc).__name__)
         return None
-    return max(1, math.ceil(reset - time.time()))
+    return (checks[int(index) - 1][0], int(wait)) if int(index) else None
 
 
 def _refuse(scope: str, wait: int, org_id: str | None, token_id: str | None) -> ApiProblem:
@@ -225,18 +238,41 @@ def _record_rate_limit(org_id: str | None, token_id: str | None) -> None:
 
 
 def enforce_rate_limits(org_id: str, token_id: str) -> None:
-    """Per token, per token for writes, and per organization; 429 + Retry-After when over.
-    Then, on the routes that name a member id, the distinct-member-id limit of the token."""
-    checks = [("token", token_id), ("org", org_id)]
+    """One round trip for every limit of an authenticated request: failed authentications of
+    its address (an address guessing tokens waits even with a valid one), per token, per
+    token for writes, per organization, and on routes that name a member id, the token's
+    distinct member ids (enumeration: also an alert). 429 + Retry-After on the first over."""
+    if _strategy() is None:
+        return
+    checks = [("auth_failures", request.remote_addr or "unknown", "test"),
+              ("token", token_id, "hit"), ("org", org_id, "hit")]
     if request.method not in ("GET", "HEAD", "OPTIONS"):
-        checks.append(("token_write", token_id))
-    for scope, ident in checks:
-        wait = _hit(scope, ident)
-        if wait is not None:
-            raise _refuse(scope, wait, org_id, token_id)
+        checks.append(("token_write", token_id, "hit"))
+    member = ""
     if request.method == "POST" and request.url_rule is not None and \
             request.url_rule.rule in MEMBER_ID_FIELDS:
-        _check_member_ids(org_id, token_id, MEMBER_ID_FIELDS[request.url_rule.rule])
+        member_id = _member_id_in_body(MEMBER_ID_FIELDS[request.url_rule.rule])
+        if member_id is not None:
+            member = member_pseudonym(member_id)
+            checks.append(("member_ids", token_id, "distinct"))
+    refused = _limits(checks, member)
+    if refused is None:
+        return
+    scope, wait = refused
+    if scope == "auth_failures":
+        raise _refuse(scope, wait, None, None)
+    if scope == "member_ids":
+        _enumeration_alert(org_id, token_id)
+    raise _refuse(scope, wait, org_id, token_id)
+
+
+def _enumeration_alert(org_id: str, caller_id: str) -> None:
+    item = _limit("member_ids")
+    SECURITY_ALERTS.labels("member_id_enumeration").inc()
+    log.warning("ALERT possible member-id enumeration: caller %s of organization %s named "
+                "more than %s distinct member ids in %s s", caller_id, org_id,
+                item.amount, item.get_expiry(),  # type: ignore[attr-defined]
+                extra={"event": "alert:member_id_enumeration", "status": 429})
 
 
 def _member_id_in_body(path: tuple[str, ...]) -> str | None:
@@ -264,72 +300,29 @@ def member_pseudonym(member_id: str) -> str:
     return hmac.new(key, member_id.strip().upper().encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _check_member_ids(org_id: str, token_id: str, path: tuple[str, ...]) -> None:
-    if _strategy() is None:
-        return
-    member_id = _member_id_in_body(path)
-    if member_id is not None:
-        limit_member_ids(org_id, token_id, [member_id])
-
-
 def limit_member_ids(org_id: str, caller_id: str, member_ids: Iterable[str]) -> None:
     """Count the member ids one caller names (a token id, or e.g. a CDS Hooks client id for
     a route that authenticates its own way); 429 + Retry-After and the alert when the caller
     goes over AUTHSVC_RATE_LIMIT_MEMBER_IDS distinct ids per window. Fails open."""
-    if _strategy() is None:
-        return
-    item = _limit("member_ids")
-    redis_client = current_app.extensions["authsvc_redis"]
-    wait = 0
-    try:
-        script = current_app.extensions.get("authsvc_distinct_script")
-        if script is None:
-            script = current_app.extensions["authsvc_distinct_script"] = \
-                redis_client.register_script(_DISTINCT_LUA)
-        for member_id in member_ids:
-            wait = int(script(keys=[f"authsvc-rl:member_ids:{caller_id}"], args=[
-                item.get_expiry(), item.amount,  # type: ignore[attr-defined]
-                member_pseudonym(member_id)]))
-            if wait > 0:
-                break
-    except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
-        log.warning("rate limit storage unavailable: %s", type(exc).__name__)
-        return
-    if wait <= 0:
-        return
-    SECURITY_ALERTS.labels("member_id_enumeration").inc()
-    log.warning("ALERT possible member-id enumeration: caller %s of organization %s named "
-                "more than %s distinct member ids in %s s", caller_id, org_id,
-                item.amount, item.get_expiry(),  # type: ignore[attr-defined]
-                extra={"event": "alert:member_id_enumeration", "status": 429})
-    raise _refuse("member_ids", wait, org_id, caller_id)
+    for member_id in member_ids:
+        refused = _limits([("member_ids", caller_id, "distinct")], member_pseudonym(member_id))
+        if refused is not None:
+            _enumeration_alert(org_id, caller_id)
+            raise _refuse("member_ids", refused[1], org_id, caller_id)
 
 
 def check_auth_failures() -> None:
-    """Before a token is looked up: an address with too many failed attempts waits (S10)."""
-    strategy = _strategy()
-    if strategy is None:
-        return
-    item = _limit("auth_failures")
-    ident = request.remote_addr or "unknown"
-    try:
-        allowed = strategy.test(item, "auth_failures", ident)
-        reset = None if allowed else strategy.get_window_stats(item, "auth_failures",
-                                                                ident).reset_time
-    except Exception:  # noqa: BLE001 - fail open
-        return
-    if reset is not None:
-        raise _refuse("auth_failures", max(1, math.ceil(reset - time.time())), None, None)
+    """An address with too many failed authentications waits (S10): 429 instead of the 401
+    (or the sign-in) it was about to get. Authenticated requests check this inside
+    `enforce_rate_limits`, in the same round trip as their other limits."""
+    refused = _limits([("auth_failures", request.remote_addr or "unknown", "test")])
+    if refused is not None:
+        raise _refuse("auth_failures", refused[1], None, None)
 
 
 def note_auth_failure() -> None:
-    strategy = _strategy()
-    if strategy is None:
-        return
-    try:
-        strategy.hit(_limit("auth_failures"), "auth_failures", request.remote_addr or "unknown")
-    except Exception:  # noqa: BLE001
-        return
+    """Count one failed authentication of this address (the after-request hook on a 401)."""
+    _limits([("auth_failures", request.remote_addr or "unknown", "hit")])
 
 
 # ------------------------------------------------------------------ audit of every request

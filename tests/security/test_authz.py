@@ -258,4 +258,4 @@ def test_S4_last_used_time_is_recorded_and_listed_never_the_token(app, services,
     line = next(x for x in out.splitlines() if x.startswith(token_id))
     assert "ehr-feed" in line and token[:10] in line and "last_used=-" not in line
     assert token not in out and token[10:] not in out
-    assert "hmac.compare_digest" in inspect.getsource(auth_module.authenticate)
+    assert "hmac.compare_digest" in inspect.getsource(auth_module._token_actor_from_header)

@@ -31,7 +31,8 @@ def test_production_serves_no_docs_page_but_keeps_openapi_json(settings, service
         "postgresql+psycopg://app@127.0.0.1:5432/authsvc"
     prod = settings.replace(production=True, public_url="https://authsvc.example",
                             redis_url=settings.redis_url or "redis://127.0.0.1:6379/0",
-                            database_url=db, provider_webhook_secret="m" * 48)
+                            database_url=db, provider_webhook_secret="m" * 48,
+                            notify_secret="n" * 48)
     if not (prod.redis_url or "").startswith(("redis://127.", "unix:")):
         pytest.skip("test Redis is not on loopback")
     app = create_app(prod, services)

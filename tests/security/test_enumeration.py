@@ -181,10 +181,11 @@ def test_S10_the_member_id_limit_is_configurable_and_fails_open(settings, servic
     odd = client.post("/v1/orders", json={"coverage": {"member_id": 12}}, headers=auth(
         token, **{"Idempotency-Key": uuid.uuid4().hex}))
     assert_problem(odd, 422)
+
     def down(*_a, **_k):
         raise RedisDown("down")
 
-    monkeypatch.setitem(app.extensions, "authsvc_distinct_script", down)
+    monkeypatch.setitem(app.extensions, "authsvc_limits_script", down)
     assert post(_random_member()) == 201  # Redis down: intake keeps answering
 
 
