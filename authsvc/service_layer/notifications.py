@@ -49,6 +49,7 @@ OPTOUTS = Counter("authsvc_notification_optouts", "Opt-out and opt-in requests a
 ALL_ORGS = "*"  # an SMS STOP reaches the sending number every organization shares
 OPTED_OUT = "opted_out"
 CHANNEL_NONE = "channel_none"
+ADDRESS_CHANGED = "address_changed"  # the planned address is no longer the patient's
 
 LEASE = dt.timedelta(seconds=60)
 MAX_ATTEMPTS = 10
@@ -326,6 +327,7 @@ def _deliver(services: Any, row: dict, address: str, ctx: dict) -> str:
         headers = {"List-Unsubscribe": f"<{url}>",  # RFC 2369, one-click per RFC 8058
                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
     message = render.render(row["event"], row["audience"], row["channel"], row["language"], ctx)
+    _check_still_wanted(services, row, address)
     if row["channel"] == "email":
         if not settings.smtp_url:
             raise Permanent("email is not configured (AUTHSVC_SMTP_URL)")
@@ -348,6 +350,41 @@ def _deliver(services: Any, row: dict, address: str, ctx: dict) -> str:
     raise Permanent(f"unknown channel {row['channel']}")
 
 
+class _SilencedMeanwhile(Exception):  # noqa: N818 - not an error: a reason to stop
+    """The recipient opted out (or the address changed) after the claim: not sent."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _check_still_wanted(services: Any, row: dict, address: str) -> None:
+    """Ask again right before the message leaves: a STOP or an unsubscribe that arrived
+    after the claim's transaction (while the message was being rendered, or while an earlier
+    attempt waited for its retry) stops it. What remains is the time the provider call itself
+    takes (docs/operations.md › Notifications)."""
+    if row["audience"] not in FAMILY:
+        return
+    with services.engine.connect() as conn:
+        reason = _silenced(conn, services.settings.notify_secret, row, address)
+    if reason is not None:
+        raise _SilencedMeanwhile(reason)
+
+
+def _suppress(conn: sa.Connection, row: dict, reason: str, now: dt.datetime) -> None:
+    n = t.notifications
+    conn.execute(n.update().where(n.c.id == row["id"]).values(
+        status="suppressed", claimed_until=None, next_attempt_at=None, last_error=reason))
+    _timeline(conn, row, "suppressed", now, reason)
+
+
+def _count_suppressed(row: dict, reason: str) -> str:
+    SENDS.labels(row["channel"], "suppressed").inc()
+    log.info("notification suppressed", extra={"notification_id": row["id"],
+                                                "channel": row["channel"], "reason": reason})
+    return "suppressed"
+
+
 def send(services: Any, notification_id: str) -> str:
     """One attempt at one notification: `sent`, `retry`, `failed`, `suppressed` (the
     address opted out) or `skipped` (nothing to do: done already, not due, or leased)."""
@@ -363,18 +400,11 @@ def send(services: Any, notification_id: str) -> str:
         address = _address(conn, row)
         reason = _silenced(conn, services.settings.notify_secret, row, address)
         if reason is not None:
-            conn.execute(n.update().where(n.c.id == notification_id).values(
-                status="suppressed", claimed_until=None, next_attempt_at=None,
-                last_error=reason))
-            _timeline(conn, row, "suppressed", now, reason)
+            _suppress(conn, row, reason, now)
         else:
             ctx = context(conn, row, services.settings.public_url) if address else {}
     if reason is not None:  # counted once committed
-        SENDS.labels(row["channel"], "suppressed").inc()
-        log.info("notification suppressed", extra={"notification_id": notification_id,
-                                                    "channel": row["channel"],
-                                                    "reason": reason})
-        return "suppressed"
+        return _count_suppressed(row, reason)
     error: SendError | None = None
     provider_id: str | None = None
     if not address:
@@ -382,6 +412,10 @@ def send(services: Any, notification_id: str) -> str:
     else:
         try:
             provider_id = _deliver(services, row, address, ctx)
+        except _SilencedMeanwhile as late:
+            with services.engine.begin() as conn:
+                _suppress(conn, row, late.reason, clock.now())
+            return _count_suppressed(row, late.reason)
         except SendError as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - a template or adapter bug is not retried forever
@@ -439,7 +473,9 @@ def due(services: Any, now: dt.datetime, limit: int = 1000) -> list[str]:
 
 def _silenced(conn: sa.Connection, secret: str, row: dict, address: str | None) -> str | None:
     """Why a patient/caregiver row must not go out (None: it may): the address opted out,
-    or the contact's entry for this address has since been set to `channel: none`."""
+    the contact's entry for this address has since been set to `channel: none`, or the
+    address planned is no longer among the patient's contacts for this channel (corrected:
+    a queued or retrying message does not go to the old one)."""
     if not address or row["audience"] not in FAMILY:
         return None
     if opted_out(conn, secret, row["org_id"], row["channel"], address):
@@ -449,11 +485,13 @@ def _silenced(conn: sa.Connection, secret: str, row: dict, address: str | None) 
 
         field = "email" if row["channel"] == "email" else "phone"
         want = optout.normalize(row["channel"], address)
-        for contact in _contacts(conn, row["order_id"]):
-            if (isinstance(contact, dict) and contact.get("channel") == "none"
-                    and isinstance(contact.get(field), str)
-                    and optout.normalize(row["channel"], contact[field]) == want):
-                return CHANNEL_NONE
+        channels = {contact.get("channel") for contact in _contacts(conn, row["order_id"])
+                    if isinstance(contact, dict) and isinstance(contact.get(field), str)
+                    and optout.normalize(row["channel"], contact[field]) == want}
+        if "none" in channels:
+            return CHANNEL_NONE
+        if row["channel"] not in channels:  # corrected since planning: the old address
+            return ADDRESS_CHANGED  # may be someone else's now, the new one was not planned
     return None
 
 

@@ -401,13 +401,17 @@ def test_a_contact_edited_after_planning_does_not_redirect_the_planned_message(
         contacts = conn.execute(sa.select(t.patients.c.contacts).where(
             t.patients.c.org_id == ORG, t.patients.c.mrn == mrn)).scalar()
     assert contacts[0]["email"] == new_mail  # the patient record did change
-    assert set(send_all(svc, first["id"]).values()) == {"sent"}
+    # the first order's family messages go neither to the new addresses (not planned for
+    # them) nor to the corrected old ones (suppressed: address_changed)
+    assert set(send_all(svc, first["id"]).values()) == {"suppressed"}
     assert set(send_all(svc, second["id"]).values()) == {"sent"}
     assert [m["to"] for m in sms.received() if m["to"] in (old_phone, new_phone)] == [
-        old_phone, new_phone]
+        new_phone]
     assert [m["to"] for m in smtp.received() if m["to"][0] in (old_mail, new_mail)] == [
-        [old_mail], [new_mail]]
+        [new_mail]]
     assert {r["address"] for r in rows(svc, first["id"])} == {old_phone, old_mail}
+    assert {(r["status"], r["last_error"]) for r in rows(svc, first["id"])
+            if r["address"] in (old_phone, old_mail)} == {("suppressed", "address_changed")}
     # the admin list never shows the address
     listed = client.get(f"/v1/admin/notifications?order_id={first['id']}",
                         headers=auth(org_tokens[ORG]["admin"])).get_data(as_text=True)
@@ -461,3 +465,53 @@ def test_public_routes_are_classified_as_signed_not_token_routes(spec):
     for key, op in ops.items():
         assert op["roles"], key
         assert set(op["roles"]) <= set(ROLES) or set(op["roles"]) <= known, key
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def test_a_stop_that_arrives_while_the_text_is_being_prepared_stops_it(
+        svc, client, org_tokens, sinks, monkeypatch):
+    """STOP lands after the worker claimed the message (its check already passed) but before
+    it went out: the text is not sent and the row says `opted_out`."""
+    from authsvc.adapters.notify import render
+
+    _, sms = sinks
+    number = phone()
+    order = new_order(client, org_tokens[ORG]["coordinator"], [
+        {"role": "patient", "phone": number, "channel": "sms", "language": "en"}])
+    real_render = render.render
+
+    def stop_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert text_in(client, svc, number, "STOP").status_code == 200
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(render, "render", stop_meanwhile)
+    assert set(send_all(svc, order["id"]).values()) == {"suppressed"}
+    [row] = rows(svc, order["id"])
+    assert (row["status"], row["last_error"], row["claimed_until"]) == (
+        "suppressed", "opted_out", None)
+    assert not [m for m in sms.received() if m["to"] == number]
+    assert text_in(client, svc, number, "START").status_code == 200
+
+
+def test_a_retrying_text_to_a_corrected_number_is_not_sent_to_the_old_one(
+        svc, client, org_tokens, sinks, monkeypatch):
+    """The gateway was down at the first attempt; meanwhile the patient's number was
+    corrected: the retry does not text the old number (suppressed, `address_changed`)."""
+    _, sms = sinks
+    mrn, wrong, right = f"MRN-{tag()}", phone(), phone()
+    first = new_order(client, org_tokens[ORG]["coordinator"], [
+        {"role": "patient", "phone": wrong, "channel": "sms", "language": "en"}], mrn)
+    down = dataclasses.replace(svc, settings=svc.settings.replace(
+        sms_url=f"http://127.0.0.1:{free_port()}/sms"))
+    assert set(send_all(down, first["id"]).values()) == {"retry"}
+    new_order(client, org_tokens[ORG]["coordinator"], [  # the number is corrected
+        {"role": "patient", "phone": right, "channel": "sms", "language": "en"}], mrn)
+    with svc.engine.begin() as conn:  # the retry is due
+        conn.execute(t.notifications.update().where(
+            t.notifications.c.order_id == first["id"]).values(next_attempt_at=None))
+    assert set(send_all(svc, first["id"]).values()) == {"suppressed"}
+    [row] = rows(svc, first["id"])
+    assert (row["status"], row["last_error"]) == ("suppressed", "address_changed")
+    assert not [m for m in sms.received() if m["to"] == wrong]
