@@ -5,8 +5,9 @@ Why here and not in each route: routes are added by many hands; hooks registered
 every route, including the ones written later (the security tests are generated from the
 OpenAPI document for the same reason).
 
-Rate limits use flask-limiter's storage and strategy on the service's Redis (the connection
-pool of `app.extensions["authsvc_redis"]`). They run after authentication (in
+Rate limits are moving windows on the service's Redis (`app.extensions["authsvc_redis"]`),
+every limit of a request checked and recorded by one Lua script (`_LIMITS_LUA`), one round
+trip per request. They run after authentication (in
 `auth.requires`), so the keys are the token id and the organization, never a client-chosen
 value. When Redis is down the limits fail open: intake must keep answering (the outbox holds
 the work), and the database, not Redis, is the record.
@@ -186,9 +187,9 @@ def _limit(scope: str) -> object:
     return parse(current_app.config.get(name) or default)
 
 
-def _strategy():  # type: ignore[no-untyped-def]
-    limiter = current_app.extensions.get("authsvc_limiter")
-    return None if limiter is None else limiter.limiter
+def _strategy() -> bool | None:
+    """True when rate limits are on for this app (None: off)."""
+    return current_app.extensions.get("authsvc_limiter")
 
 
 def _limits(checks: list[tuple[str, str, str]], member: str = "") -> tuple[str, int] | None:
@@ -484,16 +485,8 @@ def document_problems(app: Flask) -> None:
 
 
 def _init_limiter(app: Flask) -> None:
+    """Rate limits on, unless switched off for a benchmark (refused in production)."""
     if os.environ.get("AUTHSVC_RATE_LIMITS", "on") == "off" and not app.config.get(
             "AUTHSVC_FORCE_RATE_LIMITS"):
         return
-    from flask_limiter import Limiter
-
-    redis_client = app.extensions["authsvc_redis"]
-    limiter = Limiter(
-        key_func=lambda: request.remote_addr or "unknown", app=app,
-        storage_uri="redis://", storage_options={
-            "connection_pool": redis_client.connection_pool},
-        strategy="moving-window", key_prefix="authsvc-rl", headers_enabled=False,
-        swallow_errors=True, default_limits=[])
-    app.extensions["authsvc_limiter"] = limiter
+    app.extensions["authsvc_limiter"] = True
