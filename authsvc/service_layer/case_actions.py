@@ -22,7 +22,7 @@ from authsvc.domain import clock, ids
 from authsvc.domain.determination import SENT_PA, Determination
 from authsvc.domain.errors import NotFound, StateConflict
 from authsvc.domain.payer import DenialReason, LineDecision, PayerAnswer
-from authsvc.service_layer import outcomes, payer_work
+from authsvc.service_layer import outcomes, payer_work, timeline
 from authsvc.service_layer.context import Actor
 from authsvc.service_layer.orders import refresh_order_status
 
@@ -84,8 +84,10 @@ def _audit(conn: sa.Connection, actor: Actor, case: dict, now: dt.datetime, acti
 
 def _timeline(conn: sa.Connection, case: dict, now: dt.datetime, event: str, actor: Actor,
               detail: dict | None = None) -> None:
-    repo.add_timeline(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
-                      at=now, event=event, actor=actor.label, detail=detail)
+    """Through timeline.record, so a coordinator's action notifies and announces (webhooks)
+    exactly as the same event raised by a worker would."""
+    timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
+                    at=now, event=event, actor=actor.label, detail=detail)
 
 
 def _who(actor: Actor) -> str:
@@ -332,11 +334,11 @@ def _open_linked(conn: sa.Connection, order: dict, case: dict, now: dt.datetime,
         "service_end": line["service_end"],
     } for line in lines])
     repo.add_outbox(conn, "submit_case", new_id, now)
-    repo.add_timeline(conn, org_id=case["org_id"], order_id=order["id"], case_id=new_id, at=now,
-                      event="case_opened", actor=actor.label,
-                      detail={"state": cs.READY_TO_SUBMIT, "kind": kind,
-                              "related_case_id": case["id"],
-                              "sequences": [line["sequence"] for line in lines]})
+    timeline.record(conn, org_id=case["org_id"], order_id=order["id"], case_id=new_id, at=now,
+                    event="case_opened", actor=actor.label,
+                    detail={"state": cs.READY_TO_SUBMIT, "kind": kind,
+                            "related_case_id": case["id"],
+                            "sequences": [line["sequence"] for line in lines]})
     return new_id
 
 

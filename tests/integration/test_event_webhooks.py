@@ -329,3 +329,23 @@ def test_a_subscription_made_between_two_transactions_of_one_connection_gets_the
         assert deliveries_of(services, sub2["id"]) == []
     [row] = deliveries_of(services, sub["id"])
     assert row["payload"]["data"]["order_id"] == order["id"]
+
+
+def test_coordinator_actions_announce_their_case_events(client, tokens, services, hook):
+    """A coordinator's appeal opens a case (case.opened) and a cancel changes a case's state
+    (case.state_changed), announced as the same events raised by a worker are."""
+    sub = _subscribe(client, tokens, hook, ["case.opened", "case.state_changed"])
+    coord = tokens["org-a"]["coordinator"]
+    order = new_order(client, coord, f"ACT-{uuid.uuid4().hex[:8]}")
+    denied = insert_case(services, order["id"], "denied", received=clock.now(),
+                         actions={1: "A3"})
+    resp = client.post(f"/v1/cases/{denied}/appeal", headers=auth(coord),
+                       json={"kind": "standard", "reason": "New imaging attached."})
+    assert resp.status_code == 201, resp.get_json()
+    appeal_id = resp.get_json()["id"]
+    resp = client.post(f"/v1/cases/{appeal_id}/cancel", headers=auth(coord), json={})
+    assert resp.status_code == 200, resp.get_json()
+    _deliver_all(services, sub["id"])
+    got = [(p["type"], p["data"]["case_id"], p["data"].get("state")) for p in _received(hook)]
+    assert ("case.opened", appeal_id, "ready_to_submit") in got
+    assert ("case.state_changed", appeal_id, "cancelled") in got
