@@ -515,3 +515,46 @@ def test_a_retrying_text_to_a_corrected_number_is_not_sent_to_the_old_one(
     [row] = rows(svc, first["id"])
     assert (row["status"], row["last_error"]) == ("suppressed", "address_changed")
     assert not [m for m in sms.received() if m["to"] == wrong]
+
+
+def test_the_public_routes_are_rate_limited_per_source_address(svc, client, app, monkeypatch):
+    """Over the per-address limit an address gets 429 problem+json with Retry-After on the
+    inbound-text and unsubscribe routes; another address is still served."""
+    from tests.security.conftest import fresh_addr
+
+    monkeypatch.setitem(app.config, "AUTHSVC_RATE_LIMIT_TOKEN", "4/minute")
+    addr, other = fresh_addr(), fresh_addr()
+    url = svc.settings.public_url + INBOUND
+    number = phone()
+
+    def text(sender_addr: str):  # type: ignore[no-untyped-def]
+        params = [("From", number), ("Body", "hello"), ("To", "+15550100000")]
+        return client.post(INBOUND, data=dict(params), environ_base={"REMOTE_ADDR": sender_addr},
+                           headers={"X-Twilio-Signature": optout.twilio_signature(
+                               SMS_TOKEN, url, params)})
+
+    def page(sender_addr: str):  # type: ignore[no-untyped-def]
+        return client.get("/v1/notifications/unsubscribe", query_string={"token": "x.y"},
+                          environ_base={"REMOTE_ADDR": sender_addr})
+
+    assert [text(addr).status_code for _ in range(2)] == [200, 200]
+    assert [page(addr).status_code for _ in range(2)] == [422, 422]
+    for refused in (text(addr), page(addr), client.post(
+            "/v1/notifications/unsubscribe", query_string={"token": "x.y"},
+            environ_base={"REMOTE_ADDR": addr})):
+        assert refused.status_code == 429, refused.get_data()
+        assert refused.mimetype == "application/problem+json"
+        assert int(refused.headers["Retry-After"]) > 0
+    assert text(other).status_code == 200 and page(other).status_code == 422
+
+
+def test_an_address_forging_unsubscribe_links_is_throttled(svc, client, app, monkeypatch):
+    from tests.security.conftest import fresh_addr
+
+    monkeypatch.setitem(app.config, "AUTHSVC_RATE_LIMIT_AUTH_FAILURES", "3/minute")
+    addr = fresh_addr()
+    codes = [client.post("/v1/notifications/unsubscribe", query_string={"token": f"a.{i}"},
+                         environ_base={"REMOTE_ADDR": addr}).status_code for i in range(5)]
+    assert codes == [422, 422, 422, 429, 429]
+    assert client.post("/v1/notifications/unsubscribe", query_string={"token": "a.b"},
+                       environ_base={"REMOTE_ADDR": fresh_addr()}).status_code == 422

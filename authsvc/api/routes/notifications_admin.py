@@ -23,6 +23,7 @@ from flask_smorest import Blueprint
 
 from authsvc.adapters.db import repo
 from authsvc.adapters.notify import optout, render
+from authsvc.api import security
 from authsvc.api.auth import requires
 from authsvc.api.errors import ApiProblem
 from authsvc.api.request_body import limit_arg
@@ -107,6 +108,7 @@ SMS_FORM = {"content": {"application/x-www-form-urlencoded": {"schema": {
 def sms_inbound() -> Response:
     """A text sent to our number: `STOP` opts the sender out of texts, `START` back in."""
     services = current_app.extensions["authsvc"]
+    _limit_source()
     _small_body()
     if request.mimetype != "application/x-www-form-urlencoded":
         raise ApiProblem(415, "Send the inbound message as application/x-www-form-urlencoded.")
@@ -133,6 +135,16 @@ def sms_inbound() -> Response:
     return Response(TWIML_EMPTY, status=200, mimetype="application/xml")
 
 
+def _limit_source() -> None:
+    """The public routes (no API token) are limited per source address with the API's own
+    limits: an address over AUTHSVC_RATE_LIMIT_AUTH_FAILURES (bad signatures, forged links)
+    waits, and its requests count against the per-token and per-organization limits under
+    an identity made of a keyed hash of the address (Redis and `rate_limit_events` never hold
+    the address itself). 429 problem + Retry-After; fails open when Redis is down."""
+    ident = "ip_" + security.member_pseudonym(request.remote_addr or "unknown")[:32]
+    security.enforce_rate_limits(ident, ident)
+
+
 TOKEN_PARAM = {"name": "token", "in": "query", "required": True,
                "schema": {"type": "string", "maxLength": 1000}}
 
@@ -146,6 +158,7 @@ def _claims() -> dict:
         raise _field_problem("token", "required", "the link's token is missing")
     claims = optout.read_token(services.settings.notify_secret, raw)
     if claims is None or claims["channel"] != "email":
+        security.note_auth_failure()  # a forged or altered link: a guess, like a bad token
         raise _field_problem("token", "invalid", "the link is not valid; use the link in the "
                                                  "email as it is")
     return claims
@@ -166,6 +179,7 @@ def _page(name: str, claims: dict, **extra: object) -> Response:
                             "content": {"text/html": {}}}})
 def unsubscribe_page() -> Response:
     """The email's unsubscribe link: a confirmation page with a button (a POST)."""
+    _limit_source()
     claims = _claims()
     return _page("unsubscribe.html.j2", claims, action=request.full_path.rstrip("?"))
 
@@ -182,6 +196,7 @@ def unsubscribe() -> Response:
     """Stop this organization's emails to the address the link was sent to (RFC 8058
     one-click, or the confirmation page's button); idempotent."""
     services = current_app.extensions["authsvc"]
+    _limit_source()
     _small_body()
     claims = _claims()
     with services.engine.begin() as conn:
