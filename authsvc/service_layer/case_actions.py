@@ -172,8 +172,10 @@ def add_attachment(actor: Actor, conn: sa.Connection, case_id: str, *, filename:
     stored: dict[str, Any] = {"data": data, "storage_path": None}
     if folder is not None:
         _lock_content(conn, attachment_files.org_dir(case["org_id"]), sha256)
-        path = attachment_files.put(folder, case["org_id"], data)
-        stored = {"data": None, "storage_path": str(path)}
+        attachment_files.put(folder, case["org_id"], data)
+        # relative to the attachments root: hosts may mount the folder at other paths
+        stored = {"data": None,
+                  "storage_path": str(attachment_files.relative_path(case["org_id"], sha256))}
     rc.insert_attachment(conn, {
         "id": attachment_id, "org_id": case["org_id"], "case_id": case_id,
         "info_request_id": info_request_id, "filename": filename[:255] or "document",

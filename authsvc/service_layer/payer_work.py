@@ -13,9 +13,11 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Iterable
+from pathlib import Path
 
 import sqlalchemy as sa
 
+from authsvc.adapters import attachment_files
 from authsvc.adapters.db import repo
 from authsvc.adapters.db import tables as t
 from authsvc.bootstrap import Services
@@ -99,10 +101,13 @@ def _parties(order: dict) -> tuple[Party, Party | None]:
     return requester, performer
 
 
-def _attachments(conn: sa.Connection, case_ids: str | list[str],
-                 unsent_only: bool) -> tuple[Attachment, ...]:
-    """Documents attached to the case(s), read from the database or the attachments folder."""
-    from pathlib import Path
+def _attachments(conn: sa.Connection, case_ids: str | list[str], unsent_only: bool,
+                 folder: Path | None, with_data: bool = True) -> tuple[Attachment, ...]:
+    """Documents attached to the case(s), from the database or the attachments folder,
+    checked against their SHA-256 (`attachment_files.Unreadable` when a file is missing or
+    altered: never send the payer other bytes than the ones the coordinator uploaded).
+    Without `with_data` only their identities (an $inquire names them, never sends them)."""
+    from authsvc.service_layer.case_actions import attachment_bytes
 
     a = t.attachments
     wanted = [case_ids] if isinstance(case_ids, str) else case_ids
@@ -111,12 +116,26 @@ def _attachments(conn: sa.Connection, case_ids: str | list[str],
         q = q.where(a.c.sent_at.is_(None))
     out = []
     for row in conn.execute(q).mappings():
-        data = row["data"]
-        if data is None and row["storage_path"]:
-            data = Path(row["storage_path"]).read_bytes()
         out.append(Attachment(attachment_id=row["id"], content_type=row["content_type"],
-                              title=row["filename"], data=data or b"", loinc=row["loinc"]))
+                              title=row["filename"],
+                              data=attachment_bytes(dict(row), folder) if with_data else b"",
+                              loinc=row["loinc"]))
     return tuple(out)
+
+
+def _unreadable_document(conn: sa.Connection, case: dict, now: dt.datetime) -> None:
+    """A document of the case can no longer be read as uploaded (its file is missing or was
+    altered): nothing goes to the payer; the case waits for a coordinator (`error`,
+    needs_attention `attachment_unreadable`) to re-upload it and resubmit."""
+    # the claim just moved it to submitting (`case` is the row read before the claim)
+    repo.update_case(conn, case["id"], state=cs.transition(cs.SUBMITTING, cs.ERROR),
+                     claimed_until=None, last_error={"message": "attachment_unreadable"},
+                     attention_reason="attachment_unreadable", attention_since=now,
+                     updated_at=now)
+    timeline.record(conn, org_id=case["org_id"], order_id=case["order_id"], case_id=case["id"],
+                    at=now, event="case_error", actor="system",
+                    detail={"reason": "attachment_unreadable"})
+    refresh_order_status(conn, case["order_id"], now)
 
 
 def _order_and_patient(conn: sa.Connection, order_id: str) -> tuple[dict, dict]:
@@ -129,7 +148,8 @@ def _order_and_patient(conn: sa.Connection, order_id: str) -> tuple[dict, dict]:
 
 
 def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | None = None,
-                with_lines: bool = True, unsent_attachments_only: bool = False) -> ClaimRequest:
+                with_lines: bool = True, unsent_attachments_only: bool = False,
+                attachments_dir: Path | None = None, document_bytes: bool = True) -> ClaimRequest:
     order, patient = _order_and_patient(conn, case["order_id"])
     requester, performer = _parties(order)
     lines = tuple(
@@ -148,8 +168,8 @@ def build_claim(conn: sa.Connection, case: dict, *, certification_type: str | No
         urgency=case["urgency"], patient=_patient_info(patient), coverage=_coverage(order),
         requester=requester, performer=performer, diagnoses=tuple(order["diagnoses"]),
         place_of_service=order["place_of_service"], lines=lines,
-        attachments=_attachments(conn, documents_of, unsent_attachments_only)
-        if with_lines else (),
+        attachments=_attachments(conn, documents_of, unsent_attachments_only, attachments_dir,
+                                 document_bytes) if with_lines else (),
         related_claim_identifier=case["related_case_id"], created_at=case["created_at"],
         level_of_care=case["level_of_care"],
         note=case["reason"] if case["kind"] in APPEALS else None,
@@ -216,7 +236,12 @@ def submit_case(services: Services, case_id: str) -> None:
             return
         case = before  # the claim changed only state, lease and counters: nothing read below
         update = bool(case["update_pending"])
-        claim = build_claim(conn, case, unsent_attachments_only=update)
+        try:
+            claim = build_claim(conn, case, unsent_attachments_only=update,
+                                attachments_dir=services.settings.attachments_dir)
+        except attachment_files.Unreadable:
+            _unreadable_document(conn, case, now)
+            return
         # A lease left behind means the previous attempt died mid-call: it may have reached
         # the payer. Like a lost answer, that is settled by asking before resending.
         ask_first = bool(before["submission_unknown"]) or (
@@ -480,7 +505,7 @@ def poll_case(services: Services, case_id: str) -> None:
         if not repo.claim_case(conn, case_id, (case["state"],), case["state"], now,
                                _lease(services), due_column="next_poll_at"):
             return
-        claim = build_claim(conn, case)
+        claim = build_claim(conn, case, document_bytes=False)  # $inquire sends no documents
     records: list[ExchangeRecord] = []
     answer = None
     try:

@@ -70,6 +70,11 @@ def case_of(services, case_id) -> dict:
     return row
 
 
+def stored_file(folder: Path, row: dict) -> Path:
+    """The file an attachment row names (its storage_path is relative to the folder)."""
+    return attachment_files.stored_path(folder, row["storage_path"])
+
+
 def files_in(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
@@ -82,11 +87,13 @@ def test_upload_goes_to_a_content_addressed_file_and_back_only_with_auth(
     row = row_of(services, att["id"])
     sha = hashlib.sha256(PDF).hexdigest()
     assert row["data"] is None and row["sha256"] == sha
-    assert row["storage_path"] == str(folder / "org-a" / sha[:2] / sha)
-    assert files_in(folder) == [Path(row["storage_path"])]  # no temporary file left
-    assert Path(row["storage_path"]).read_bytes() == PDF
+    # stored relative to the folder: hosts may mount it at other paths
+    assert row["storage_path"] == f"org-a/{sha[:2]}/{sha}"
+    stored = folder / row["storage_path"]
+    assert files_in(folder) == [stored]  # no temporary file left
+    assert stored.read_bytes() == PDF
     assert "passwd" not in row["storage_path"] and row["filename"] == "passwd"
-    assert stat.S_IMODE(os.stat(row["storage_path"]).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(stored).st_mode) == 0o600
     got = client.get(att["links"]["content"], headers=auth(tokens["org-a"]["clinician"]))
     assert got.status_code == 200 and got.data == PDF and got.mimetype == "application/pdf"
     assert got.headers["X-Attachment-Sha256"] == sha
@@ -98,7 +105,7 @@ def test_upload_goes_to_a_content_addressed_file_and_back_only_with_auth(
     # The worker builds the payer's Claim from the same file.
     case = case_of(services, case_id)
     with services.engine.connect() as conn:
-        claim = payer_work.build_claim(conn, case)
+        claim = payer_work.build_claim(conn, case, attachments_dir=folder)
     assert [a.data for a in claim.attachments] == [PDF]
 
 
@@ -110,7 +117,7 @@ def test_the_same_content_twice_is_one_file_two_documents(client, coord, service
     ids = [a["id"] for a in second.get_json()["attachments"]]
     assert len(ids) == 2 and first["attachments"][0]["id"] in ids
     paths = {row_of(services, i)["storage_path"] for i in ids}
-    assert len(paths) == 1 and files_in(folder) == [Path(paths.pop())]
+    assert len(paths) == 1 and files_in(folder) == [folder / paths.pop()]
 
 
 def test_a_failed_transaction_leaves_no_file(client, coord, services, folder, case_id,
@@ -143,20 +150,21 @@ def test_a_failed_transaction_leaves_no_file(client, coord, services, folder, ca
 def test_a_failed_upload_keeps_a_file_another_document_refers_to(
         client, coord, services, folder, case_id, monkeypatch):
     ok = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
-    path = Path(row_of(services, ok["id"])["storage_path"])
+    path = stored_file(folder, row_of(services, ok["id"]))
     other = insert_case(services, case_of(services, case_id)["order_id"],
                         "needs_input")
 
     def db_fails(*args, **kwargs):
         raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
 
+    real_audit = case_actions._audit
     monkeypatch.setattr(case_actions, "_audit", db_fails)
     try:
         assert upload(client, coord, other, PDF).status_code >= 500
     except sa.exc.OperationalError:
         pass
     assert path.read_bytes() == PDF  # the first document's file is still there
-    monkeypatch.undo()
+    monkeypatch.setattr(case_actions, "_audit", real_audit)  # (the folder setting stays)
     got = client.get(ok["links"]["content"], headers=auth(coord))
     assert got.status_code == 200 and got.data == PDF
 
@@ -174,7 +182,7 @@ def test_refusals_write_nothing(client, coord, services, folder, case_id):
 def test_sweep_removes_what_a_crash_leaves_and_nothing_else(client, coord, services, folder,
                                                             case_id):
     kept = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
-    kept_path = Path(row_of(services, kept["id"])["storage_path"])
+    kept_path = stored_file(folder, row_of(services, kept["id"]))
     orphan = attachment_files.put(folder, "org-a", PNG)  # written, then the process died
     stray = attachment_files.put(folder, "org-gone", b"%PDF-1.4 stray")
     old = time.time() - 7200
@@ -193,7 +201,7 @@ def test_sweep_removes_what_a_crash_leaves_and_nothing_else(client, coord, servi
 
 def test_an_altered_or_missing_file_is_never_served(client, coord, services, folder, case_id):
     att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
-    path = Path(row_of(services, att["id"])["storage_path"])
+    path = stored_file(folder, row_of(services, att["id"]))
     path.write_bytes(b"%PDF-1.7 something else")
     resp = client.get(att["links"]["content"], headers=auth(coord))
     assert resp.status_code == 503 and resp.mimetype == "application/problem+json"
@@ -262,7 +270,7 @@ def test_cleanup_waits_for_an_upload_of_the_same_bytes_still_in_flight(services,
     upload_thread.join(10)
     cleanup.join(10)
     assert result == [False] and path.read_bytes() == PDF
-    assert row_of(services, ids[0])["storage_path"] == str(path)
+    assert stored_file(folder, row_of(services, ids[0])) == path
 
 
 def test_the_scheduler_sweeps_orphaned_files_when_a_folder_is_set(client, coord, services,
@@ -272,7 +280,7 @@ def test_the_scheduler_sweeps_orphaned_files_when_a_folder_is_set(client, coord,
     from workers.scheduler import Scheduler
 
     kept = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
-    kept_path = Path(row_of(services, kept["id"])["storage_path"])
+    kept_path = stored_file(folder, row_of(services, kept["id"]))
     orphan = attachment_files.put(folder, "org-a", PNG)
     assert Scheduler(services, broker=None).attachment_files_once() == {
         "files": 1, "temporaries": 0}
@@ -365,7 +373,7 @@ def test_sweep_waits_for_the_first_upload_of_an_organization_with_no_document_ye
 def test_a_damaged_stored_copy_is_replaced_by_the_next_upload_of_the_same_bytes(
         client, coord, services, folder, case_id):
     first = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
-    path = Path(row_of(services, first["id"])["storage_path"])
+    path = stored_file(folder, row_of(services, first["id"]))
     damaged = bytearray(path.read_bytes())
     damaged[-1] ^= 1  # same size, one bit off
     path.write_bytes(bytes(damaged))
@@ -382,7 +390,7 @@ def test_every_directory_created_for_documents_is_private(client, coord, service
     root = tmp_path / "new" / "attachments"
     monkeypatch.setattr(services, "settings", services.settings.replace(attachments_dir=root))
     att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
-    path = Path(row_of(services, att["id"])["storage_path"])
+    path = stored_file(root, row_of(services, att["id"]))
     for d in (path.parent, path.parent.parent, root, root.parent):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
 
@@ -425,6 +433,21 @@ def test_a_download_is_audited_with_the_patient_and_its_real_outcome(
 
     assert download(client, coord, att).status_code == 200
     assert audits() == [(patient_id, "success")]
-    Path(row_of(services, att["id"])["storage_path"]).unlink()
+    stored_file(folder, row_of(services, att["id"])).unlink()
     assert download(client, coord, att).status_code == 503
     assert audits() == [(patient_id, "success"), (patient_id, "error")]
+
+
+def test_a_document_gone_before_submission_stops_the_case_for_a_coordinator(
+        client, coord, services, folder, case_id):
+    """The payer never gets other bytes than the ones uploaded: a document whose file went
+    missing puts the case in `error` with needs_attention `attachment_unreadable`, and
+    nothing is sent."""
+    att = upload(client, coord, case_id, PDF).get_json()["attachments"][0]
+    assert case_of(services, case_id)["state"] == "ready_to_submit"
+    stored_file(folder, row_of(services, att["id"])).unlink()
+    payer_work.submit_case(services, case_id)
+    case = case_of(services, case_id)
+    assert case["state"] == "error" and case["attention_reason"] == "attachment_unreadable"
+    with services.engine.connect() as conn:
+        assert repo.exchanges_of_case(conn, case_id) == []

@@ -478,7 +478,8 @@ def attachment(case_id: str, attachment_id: str) -> Any:
         _audit_read(conn, actor, "attachment", attachment_id, _patient_of_case(
             conn, actor.org_id, case_id))
     try:  # as GET /v1/cases/{id}/attachments/{id}: the file's SHA-256 must match the row
-        data = case_actions.attachment_bytes(row)
+        data = case_actions.attachment_bytes(row, current_app.extensions[
+            "authsvc"].settings.attachments_dir)
     except Unreadable as exc:  # the folder is gone or the file altered: ids only in the log
         current_app.logger.error("attachment %s unreadable: %s", attachment_id, exc)
         body, status = render_template("error.html", status=503,
