@@ -8,8 +8,12 @@ serialized by the row lock and the state checks; there is no If-Match.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import hashlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +29,8 @@ from authsvc.domain.payer import DenialReason, LineDecision, PayerAnswer
 from authsvc.service_layer import outcomes, payer_work, timeline
 from authsvc.service_layer.context import Actor
 from authsvc.service_layer.orders import refresh_order_status
+
+log = logging.getLogger(__name__)
 
 MAX_ATTACHMENT_BYTES = 10 * 1024 * 1024
 DECISION_STATES = frozenset({cs.SUBMITTED, cs.PENDED, cs.INFO_REQUESTED, cs.CONTACT_PAYER,
@@ -248,6 +254,30 @@ def _discard(engine: sa.Engine, root: Path, org_name: str, sha256: str) -> bool:
             return False
         path.unlink(missing_ok=True)
         return True
+
+
+class StorageFull(Exception):
+    """The attachments folder's disk (or quota) is full: nothing was saved."""
+
+
+@contextlib.contextmanager
+def upload_guard(engine: sa.Engine, folder: Path | None, org_id: str,
+                 data: bytes) -> Iterator[None]:
+    """Around an upload's transaction: when it does not commit, the file it may have written
+    is removed (unless another row refers to the same content), and a full disk becomes
+    `StorageFull`. The API and the dashboard upload through it alike."""
+    try:
+        yield
+    except BaseException as exc:
+        if folder is not None:
+            try:
+                discard_unreferenced(engine, folder, org_id, hashlib.sha256(data).hexdigest())
+            except Exception:  # noqa: BLE001 - the sweep gets it; answer the first error
+                log.warning("attachment cleanup deferred to the sweep")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("attachment storage full (%s)", errno.errorcode.get(exc.errno or 0, "?"))
+            raise StorageFull from None
+        raise
 
 
 def discard_unreferenced(engine: sa.Engine, folder: Path, org_id: str, sha256: str) -> bool:

@@ -177,6 +177,34 @@ def test_a_refused_upload_leaves_no_file_behind(folder_app, services, tokens):
     assert not [p for p in folder.rglob("*") if p.is_file()]
 
 
+def test_a_full_disk_is_a_503_page_and_nothing_is_kept(folder_app, services, tokens,
+                                                      monkeypatch):
+    import errno
+    import io
+    import uuid
+
+    from authsvc.adapters import attachment_files
+
+    app, folder = folder_app
+    client = app.test_client()
+    _, case_id = seed_case(client, services, tokens["org-a"]["clinician"], "org-a")
+    sign_in(client, tokens["org-a"]["coordinator"], environ_base={"REMOTE_ADDR": fresh_addr()})
+    real_put = attachment_files.put
+    written = []
+
+    def put_then_disk_full(*args, **kwargs):
+        written.append(real_put(*args, **kwargs))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(attachment_files, "put", put_then_disk_full)
+    resp = client.post(f"/app/cases/{case_id}/attachments", data={
+        "csrf_token": _csrf(client), "file": (io.BytesIO(b"%PDF-1.4\n" + uuid.uuid4().bytes),
+                                              "scan.pdf")}, content_type="multipart/form-data")
+    assert resp.status_code == 503 and int(resp.headers["Retry-After"]) > 0
+    assert "The document store is full" in resp.get_data(as_text=True)
+    assert written and not [p for p in folder.rglob("*") if p.is_file()]
+
+
 def test_the_worklist_is_audited_as_a_case_search(coordinator, services):
     import uuid
 

@@ -582,21 +582,27 @@ def upload(case_id: str) -> Any:
     actor = _actor()
     services = current_app.extensions["authsvc"]
     folder = services.settings.attachments_dir  # as POST /v1/cases/{id}/attachments
-    stored = False
     try:
-        answer = _act(case_id, "done_attachment", lambda conn: case_actions.add_attachment(
-            actor, conn, case_id, filename=filename, data=data,
-            loinc=loinc, folder=folder))
-        stored = isinstance(answer, Response) and answer.status_code == 303
-        return answer
-    finally:
-        if not stored and folder is not None:
-            # The transaction did not commit: a file it wrote is referred to by no row.
-            try:
-                case_actions.discard_unreferenced(services.engine, folder, actor.org_id,
-                                                  hashlib.sha256(data).hexdigest())
-            except Exception:  # noqa: BLE001 - the sweep gets it; answer the first error
-                current_app.logger.warning("attachment cleanup deferred to the sweep")
+        with case_actions.upload_guard(services.engine, folder, actor.org_id, data):
+            answer = _act(case_id, "done_attachment", lambda conn: case_actions.add_attachment(
+                actor, conn, case_id, filename=filename, data=data, loinc=loinc,
+                folder=folder))
+            if not (isinstance(answer, Response) and answer.status_code == 303):
+                raise _NotStored(answer)  # a refusal page: its transaction rolled back
+            return answer
+    except _NotStored as refused:
+        return refused.answer
+    except case_actions.StorageFull:
+        body = render_template("error.html", status=503, message=_t("storage_full"))
+        return Response(body, 503, headers={"Retry-After": "300"}, mimetype="text/html")
+
+
+class _NotStored(Exception):
+    """Carries a refusal page out of the upload guard, so the guard cleans up after it."""
+
+    def __init__(self, answer: Any):
+        super().__init__("not stored")
+        self.answer = answer
 
 
 def _date(name: str, label: str, errors: list[tuple[str, str]]) -> dt.date | None:

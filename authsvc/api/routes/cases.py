@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import errno
 from typing import Any
 
 from flask import Response, current_app, g, jsonify, request
@@ -365,26 +364,13 @@ def add_attachment(case_id: str) -> Response:
     services = _services()
     folder = services.settings.attachments_dir
     try:
-        return _act(case_id, fingerprint, lambda conn: case_actions.add_attachment(
-            g.actor, conn, case_id, filename=filename, data=data, loinc=loinc, folder=folder),
-            status=201)
-    except BaseException as exc:
-        # The transaction did not commit: a file it wrote is referred to by no row.
-        if folder is not None:
-            try:
-                case_actions.discard_unreferenced(services.engine, folder, g.actor.org_id,
-                                                  sha256)
-            except Exception:  # noqa: BLE001 - the sweep gets it; answer the first error
-                current_app.logger.warning("attachment cleanup deferred to the sweep")
-        if isinstance(exc, OSError) and exc.errno in _STORAGE_FULL:
-            current_app.logger.error("attachment storage full (%s)", errno.errorcode.get(
-                exc.errno or 0, "?"))
-            raise ApiProblem(503, "The document store is full; nothing was saved. Try again "
-                             "later.", headers={"Retry-After": "300"}) from None
-        raise
-
-
-_STORAGE_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+        with case_actions.upload_guard(services.engine, folder, g.actor.org_id, data):
+            return _act(case_id, fingerprint, lambda conn: case_actions.add_attachment(
+                g.actor, conn, case_id, filename=filename, data=data, loinc=loinc,
+                folder=folder), status=201)
+    except case_actions.StorageFull:
+        raise ApiProblem(503, "The document store is full; nothing was saved. Try again "
+                         "later.", headers={"Retry-After": "300"}) from None
 
 
 DECISION_OUTCOMES = tuple(case_actions.ACTION_BY_OUTCOME)
