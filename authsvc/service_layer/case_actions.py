@@ -13,6 +13,7 @@ import datetime as dt
 import errno
 import hashlib
 import logging
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,6 +255,16 @@ def _discard(engine: sa.Engine, root: Path, org_name: str, sha256: str) -> bool:
             return False
         path.unlink(missing_ok=True)
         return True
+
+
+def clean_filename(raw: str | None) -> str:
+    """The name a document is stored under: the last path part, without control or
+    formatting characters (Unicode Cc and Cf: e.g. U+202E, which shows "fdp.exe" as
+    "exe.pdf"), nor line or paragraph separators; "document" when nothing is left."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name
+                   if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")).strip()
+    return name[:255].strip() or "document"
 
 
 class StorageFull(Exception):

@@ -202,14 +202,3 @@ def outcome_item(row: dict) -> dict:
     }
 
 
-def outcome_feed(conn: sa.Connection, org_id: str, after: str | None, limit: int) -> dict:
-    position = 0
-    if after:
-        data = decode_cursor(after)
-        if not isinstance(data, dict) or not isinstance(data.get("p"), int):
-            raise BadCursor("unreadable cursor")
-        position = data["p"]
-    rows = repo.outcomes_after(conn, org_id, position, limit)
-    items = [outcome_item(r) for r in rows]
-    next_cursor = items[-1]["cursor"] if items else (after or encode_cursor({"p": 0}))
-    return {"items": items, "next_cursor": next_cursor}

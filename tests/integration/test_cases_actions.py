@@ -327,3 +327,15 @@ def test_an_idempotency_key_replays_an_action(client, coord, services, order):
     assert first.status_code == again.status_code == 201
     assert again.headers["Idempotent-Replayed"] == "true"
     assert first.get_json()["id"] == again.get_json()["id"]
+
+
+def test_uploaded_file_names_lose_control_and_direction_characters(client, tokens, services):
+    """U+202E would show "fdp.exe" as "exe.pdf" in a coordinator's list: the API stores the
+    name without it (as the dashboard does), and a path never survives."""
+    coord = tokens["org-a"]["coordinator"]
+    order = new_order(client, coord, f"FN-{uuid.uuid4().hex[:8]}")
+    case_id = insert_case(services, order["id"], "needs_input")
+    resp = upload(client, coord, case_id, PDF, name="..\\\\evil\\\\\u202efdp.exe")
+    assert resp.status_code == 201, resp.get_json()
+    names = [a["filename"] for a in resp.get_json()["attachments"]]
+    assert names == ["fdp.exe"]

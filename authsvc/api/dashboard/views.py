@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import secrets
-import unicodedata
 from typing import Any
 from urllib.parse import urlencode
 
@@ -210,14 +209,6 @@ def _refuse_nul() -> Any:
                            message=_t("nul_field", field=_field_label(found))), 400
 
 
-def clean_filename(raw: str | None) -> str:
-    """The name a document is stored under: the last path part, without control or
-    formatting characters (Unicode Cc and Cf: e.g. U+202E, which shows "fdp.exe" as
-    "exe.pdf"), nor line or paragraph separators; "document" when nothing is left."""
-    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name
-                   if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")).strip()
-    return name[:255].strip() or "document"
 
 
 def _to_login(notice: str, token_id: str | None = None,
@@ -566,7 +557,7 @@ def upload(case_id: str) -> Any:
     if upload is not None:
         try:
             data = upload.read(case_actions.MAX_ATTACHMENT_BYTES + 1)
-            filename = clean_filename(upload.filename)
+            filename = case_actions.clean_filename(upload.filename)
         finally:
             upload.close()
     if len(data) > case_actions.MAX_ATTACHMENT_BYTES:

@@ -358,7 +358,7 @@ def add_attachment(case_id: str) -> Response:
     loinc = request.form.get("loinc") or None
     if loinc is not None and (len(loinc) > 20 or not loinc.isascii()):
         raise _invalid([_err("loinc", "invalid_format", "a LOINC code")])
-    filename = (upload.filename or "document").rsplit("/", 1)[-1][:255]
+    filename = case_actions.clean_filename(upload.filename)
     sha256 = hashlib.sha256(data).hexdigest()
     fingerprint = {"sha256": sha256, "filename": filename, "loinc": loinc}
     services = _services()
