@@ -108,3 +108,10 @@ def register(app: Flask) -> None:
         # Log the type only: argument values may carry PHI.
         log.error("unhandled error %s in %s", type(exc).__name__, getattr(g, "endpoint", "?"))
         return problem(500, "Something went wrong on our side; it has been logged.")
+
+
+def bad_cursor(field: str = "cursor") -> ApiProblem:
+    """400 for a paging cursor this service did not issue (or one altered since)."""
+    return ApiProblem(400, "The cursor is not readable; use one a previous page returned.",
+                      errors=[{"field": field, "code": "invalid_format",
+                               "message": "not a cursor this service issued"}])

@@ -226,3 +226,10 @@ def reference_feed(conn, org_id: str, after: str, limit: int) -> dict:
     position = views.decode_cursor(after)["p"]
     items = [views.outcome_item(r) for r in repo.outcomes_after(conn, org_id, position, limit)]
     return {"items": items, "next_cursor": items[-1]["cursor"] if items else after}
+
+
+def test_an_unreadable_cursor_names_the_after_parameter(client, tokens):
+    resp = client.get("/v1/outcomes?after=not-a-cursor",
+                      headers=auth(tokens[ORG]["billing"]))
+    assert resp.status_code == 400 and resp.mimetype == "application/problem+json"
+    assert [e["field"] for e in resp.get_json()["errors"]] == ["after"]

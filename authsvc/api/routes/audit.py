@@ -15,7 +15,7 @@ from flask_smorest import Blueprint
 from authsvc.adapters.db import audit
 from authsvc.adapters.db import tables as t
 from authsvc.api.auth import requires
-from authsvc.api.errors import ApiProblem
+from authsvc.api.errors import ApiProblem, bad_cursor
 from authsvc.api.request_body import limit_arg
 from authsvc.domain import clock
 
@@ -56,7 +56,7 @@ def _cursor() -> int:
     if raw is None:
         return 0
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        raise ApiProblem(400, "The cursor is not readable.")
+        raise bad_cursor()
     return int(raw)
 
 

@@ -12,7 +12,7 @@ from authsvc.adapters.db import repo
 from authsvc.adapters.db import repo_cases as rc
 from authsvc.api import idempotency
 from authsvc.api.auth import requires
-from authsvc.api.errors import ApiProblem
+from authsvc.api.errors import ApiProblem, bad_cursor
 from authsvc.api.request_body import json_object, limit_arg
 from authsvc.domain import cases as cs
 from authsvc.domain import clock
@@ -174,7 +174,7 @@ def list_cases() -> Response:
             page = worklist.case_list(conn, g.actor.org_id, filters,
                                       cursor=request.args.get("cursor"), limit=limit)
     except BadCursor:
-        raise ApiProblem(400, "The cursor is not readable.") from None
+        raise bad_cursor() from None
     return jsonify(page)
 
 

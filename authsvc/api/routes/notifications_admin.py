@@ -25,7 +25,7 @@ from authsvc.adapters.db import repo
 from authsvc.adapters.notify import optout, render
 from authsvc.api import security
 from authsvc.api.auth import requires
-from authsvc.api.errors import ApiProblem
+from authsvc.api.errors import ApiProblem, bad_cursor
 from authsvc.api.request_body import limit_arg
 from authsvc.domain import clock
 from authsvc.service_layer import notifications
@@ -45,7 +45,7 @@ def _id_arg(name: str, *, problem_status: int) -> str | None:
         return None
     if not raw or len(raw) > 40 or not raw.isascii() or not raw.replace("_", "").isalnum():
         if problem_status == 400:
-            raise ApiProblem(400, "The cursor is not readable.")
+            raise bad_cursor()
         raise ApiProblem(422, f"{name} is not an id.", errors=[
             {"field": name, "code": "invalid_format", "message": "an id such as ord_…"}])
     return raw

@@ -7,7 +7,7 @@ from flask_smorest import Blueprint
 
 from authsvc.api import idempotency
 from authsvc.api.auth import requires
-from authsvc.api.errors import ApiProblem
+from authsvc.api.errors import ApiProblem, bad_cursor
 from authsvc.api.request_body import json_object, limit_arg, validated_order
 from authsvc.domain.orders import ORDER_STATUSES
 from authsvc.service_layer import orders, views
@@ -86,7 +86,7 @@ def list_orders() -> Response:
                                     mrn=mrn,
                                     cursor=request.args.get("cursor"), limit=limit)
     except views.BadCursor:
-        raise ApiProblem(400, "The cursor is not readable.") from None
+        raise bad_cursor() from None
     return jsonify(page)
 
 

@@ -7,7 +7,7 @@ from flask_smorest import Blueprint
 
 from authsvc.adapters.db import repo
 from authsvc.api.auth import requires
-from authsvc.api.errors import ApiProblem
+from authsvc.api.errors import bad_cursor
 from authsvc.api.request_body import limit_arg
 from authsvc.domain import clock
 from authsvc.service_layer import outcomes, views
@@ -38,5 +38,5 @@ def list_outcomes() -> Response:
                            outcome="success", request_id=actor.request_id,
                            source_ip=actor.source_ip)
     except views.BadCursor:
-        raise ApiProblem(400, "The cursor is not readable.") from None
+        raise bad_cursor("after") from None
     return Response(body, status=200, mimetype="application/json")

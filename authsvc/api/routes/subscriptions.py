@@ -8,7 +8,7 @@ from flask_smorest import Blueprint
 from authsvc.adapters import ssrf
 from authsvc.api import idempotency
 from authsvc.api.auth import requires
-from authsvc.api.errors import ApiProblem
+from authsvc.api.errors import ApiProblem, bad_cursor
 from authsvc.api.request_body import json_object, limit_arg
 from authsvc.service_layer import webhooks_out
 
@@ -37,7 +37,7 @@ def _err(field: str, code: str, message: str) -> dict:
 def _cursor() -> str | None:
     raw = request.args.get("cursor")
     if raw is not None and (len(raw) > 40 or not raw.isascii() or not raw.isprintable()):
-        raise ApiProblem(400, "The cursor is not readable.")
+        raise bad_cursor()
     return raw or None
 
 
