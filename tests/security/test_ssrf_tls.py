@@ -137,12 +137,18 @@ def _call(base_url: str):
     return records
 
 
-def test_S13_self_signed_payer_certificate_is_refused(tls_payer, monkeypatch):
+def test_S13_self_signed_payer_certificate_is_refused(tls_payer, monkeypatch, caplog):
+    from authsvc.adapters.payers.pas_fhir import TLS_ALERTS
+
     base, _ = tls_payer
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    before = TLS_ALERTS.labels("tlstest")._value.get()
     records = _call(base)
     assert records and records[-1].error == "TLS error" and records[-1].http_status is None
+    # ... and it is an alert: a counter for the dashboards and a log event
+    assert TLS_ALERTS.labels("tlstest")._value.get() > before
+    assert any(getattr(r, "event", "") == "alert:payer_tls_error" for r in caplog.records)
 
 
 def test_S13_the_same_payer_is_accepted_with_its_ca_pinned(tls_payer, monkeypatch):

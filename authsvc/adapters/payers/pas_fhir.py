@@ -34,6 +34,7 @@ import urllib3.exceptions
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.coverageeligibilityrequest import CoverageEligibilityRequest
 from fhir.resources.R4B.subscription import Subscription
+from prometheus_client import Counter
 
 from authsvc.adapters.payers.registry import PayerConfig
 from authsvc.domain import clock
@@ -57,6 +58,9 @@ from authsvc.domain.payer import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+TLS_ALERTS = Counter("authsvc_payer_tls_errors", "Payer calls refused because the payer's "
+                     "TLS certificate did not verify (an alert: possible interception)",
+                     ["payer"])
 
 # ---------------------------------------------------------------- vocabulary
 
@@ -1166,6 +1170,11 @@ class PasFhirAdapter:
                 raise PayerUnavailable(f"payer {self.config.id}: connect timeout") from None
             except requests.exceptions.SSLError:
                 record.error = "TLS error"
+                # S13: a payer whose certificate does not verify may be an interception; it is
+                # retried like an outage, and it raises an alert (metric + log, no PHI)
+                TLS_ALERTS.labels(self.config.id).inc()
+                log.warning("ALERT payer %s: TLS certificate verification failed",
+                            self.config.id, extra={"event": "alert:payer_tls_error"})
                 raise PayerUnavailable(f"payer {self.config.id}: TLS error") from None
             except requests.exceptions.ReadTimeout:
                 record.error = "read timeout"
