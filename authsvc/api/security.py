@@ -202,12 +202,16 @@ def _limits(checks: list[tuple[str, str, str]], member: str = "") -> tuple[str, 
         script = current_app.extensions["authsvc_limits_script"] = \
             current_app.extensions["authsvc_redis"].register_script(_LIMITS_LUA)
     args: list[object] = []
-    for scope, _ident, mode in checks:
+    keys: list[str] = []
+    for scope, ident, mode in checks:
         item = _limit(scope)
-        args += [item.get_expiry(), item.amount, mode]  # type: ignore[attr-defined]
+        window, amount = item.get_expiry(), item.amount  # type: ignore[attr-defined]
+        args += [window, amount, mode]
+        # the limit is part of the key (as the `limits` library does): a window counts only
+        # requests judged by the same limit, so changing a limit starts a fresh window
+        keys.append(f"authsvc-rl:{scope}:{amount}/{window}:{ident}")
     try:
-        index, wait = script(keys=[f"authsvc-rl:{scope}:{ident}" for scope, ident, _ in checks],
-                             args=[*args, uuid.uuid4().hex, member])
+        index, wait = script(keys=keys, args=[*args, uuid.uuid4().hex, member])
     except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
         log.warning("rate limit storage unavailable: %s", type(exc).__name__)
         return None

@@ -114,7 +114,8 @@ def test_S10_200_orders_with_random_member_ids_are_throttled_and_alerted(app, se
 
     client_r = redis.Redis.from_url(redis_url)
     try:
-        stored = client_r.zrange(f"authsvc-rl:member_ids:{token_id}", 0, -1)
+        [key] = client_r.keys(f"authsvc-rl:member_ids:*:{token_id}")
+        stored = client_r.zrange(key, 0, -1)
     finally:
         client_r.close()
     assert len(stored) == DEFAULT_DISTINCT
