@@ -90,7 +90,7 @@ def test_every_filter(client, tokens, services, tag):
 
 
 @pytest.mark.parametrize("query", [
-    "state=nope", "urgency=urgent", "overdue=yes", "needs_attention=1",
+    "state=nope", "urgency=urgent", "overdue=yes", "needs_attention=1", "needs_attention=",
     "due_before=tomorrow", "due_before=2026-12-01T10:00:00", "limit=0", "limit=201",
 ])
 def test_bad_query_parameters_are_422(client, tokens, query):

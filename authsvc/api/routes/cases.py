@@ -88,9 +88,9 @@ def _date(body: dict, key: str, errors: list[dict], prefix: str) -> dt.date | No
 
 def _bool_arg(name: str) -> bool | None:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    if raw not in ("true", "false"):
+    if raw not in ("true", "false"):  # an empty value too: the documented type is boolean
         raise _invalid([_err(name, "invalid_choice", "true or false")])
     return raw == "true"
 
