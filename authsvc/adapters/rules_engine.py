@@ -506,7 +506,7 @@ class RulesEngine:
                          default="")
             facts.append(
                 {
-                    "id": f"l{k}",
+                    "id": k,  # unique in the session (the join facts' ids are strings)
                     "t": "line",
                     "i": k,
                     "applies": bool(applies),
@@ -522,6 +522,8 @@ class RulesEngine:
         for k, name in sink.decisions:
             fired.setdefault(k, []).append(name)
         out: dict[tuple, Determination] = {}
+        explained = self._explained[idx.ruleset_version]
+        memo = self._memo if self._memo.size else None
         for k, sig in by_fact.items():
             names = fired.get(k, [])
             if len(names) != 1:
@@ -530,9 +532,9 @@ class RulesEngine:
                 )
                 determination = _indeterminate()
             else:
-                determination = _build(names[0], idx, sig,
-                                       self._explained[idx.ruleset_version])
-            self._memo.put((idx.ruleset_version, sig), determination)
+                determination = _build(names[0], idx, sig, explained)
+            if memo is not None:
+                memo.put((idx.ruleset_version, sig), determination)
             out[sig] = determination
         return out
 
@@ -579,49 +581,36 @@ def _build(outcome: str, idx: PolicyIndex, sig: tuple,
         reasons = tuple(part[3][0] for part in parts)
         eligibility = any(part[4] for part in parts)
         hold = any(part[5] for part in parts)
-    card = idx.gold_cards[card_index] if card_index is not None else None
-    common: dict[str, Any] = {
-        "doc_needed": docs,
-        "eligibility_check": eligibility,
-        "rules": rules,
-        "policy_links": links,
-    }
+    # Positional arguments, in Determination's field order (covered, pa_needed, doc_needed,
+    # info_needed, eligibility_check, reasons, rules, policy_links, satisfied_pa_id,
+    # expiry_date, hold_for_documentation): this runs for every line the memo has not seen.
     if outcome == "policy-auth-needed":
-        return Determination(
-            covered="conditional", pa_needed="auth-needed", info_needed=_OTH,
-            reasons=reasons, hold_for_documentation=hold, **common,
-        )
+        return Determination("conditional", "auth-needed", docs, _OTH, eligibility, reasons,
+                             rules, links, None, None, hold)
     if outcome == "policy-conditional":
-        return Determination(
-            covered="conditional", pa_needed="conditional", info_needed=_OTH,
-            reasons=reasons, hold_for_documentation=hold, **common,
-        )
+        return Determination("conditional", "conditional", docs, _OTH, eligibility, reasons,
+                             rules, links, None, None, hold)
     if outcome == "policy-no-auth":
-        return Determination(covered="covered", pa_needed="no-auth", reasons=reasons, **common)
+        return Determination("covered", "no-auth", docs, (), eligibility, reasons, rules, links)
+    card = idx.gold_cards[card_index] if card_index is not None else None
     if outcome in ("policy-gold-card", "no-policy-gold-card") and card is not None:
         before = reasons if outcome == "policy-gold-card" else (_no_policy(idx),)
-        return Determination(
-            covered="conditional", pa_needed="satisfied", info_needed=_OTH,
-            reasons=(*before, _gold_reason(card.id)),
-            satisfied_pa_id=card.id, expiry_date=card.end.isoformat(), **common,
-        )
+        return Determination("conditional", "satisfied", docs, _OTH, eligibility,
+                             (*before, _gold_reason(card.id)), rules, links, card.id,
+                             card.end.isoformat())
     if outcome == "conditions-not-met":
         ids = ", ".join(idx.policies[p].id for p in candidates)
         return Determination(
-            covered="covered", pa_needed="no-auth",
-            reasons=(Reason("conditions-not-met", f"Conditions of {ids} are not met"),),
-        )
+            "covered", "no-auth",
+            reasons=(Reason("conditions-not-met", f"Conditions of {ids} are not met"),))
     if outcome == "no-policy":
-        return Determination(
-            covered="conditional", pa_needed="conditional", info_needed=_OTH,
-            reasons=(_no_policy(idx),)
-        )
+        return Determination("conditional", "conditional", info_needed=_OTH,
+                             reasons=(_no_policy(idx),))
     if outcome == "no-policy-default-no-auth":
         return Determination(
-            covered="covered", pa_needed="no-auth",
+            "covered", "no-auth",
             reasons=(Reason("no-policy", f"No policy of payer {idx.payer_id} names this code; "
-                            "the payer's default is no-auth"),),
-        )
+                            "the payer's default is no-auth"),))
     log.error("unknown decision outcome %r", outcome)
     return _indeterminate()
 
