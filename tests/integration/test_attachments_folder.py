@@ -75,6 +75,45 @@ def stored_file(folder: Path, row: dict) -> Path:
     return attachment_files.stored_path(folder, row["storage_path"])
 
 
+class HeldUpload:
+    """An upload whose transaction has written its file but not yet committed (PostgreSQL):
+    `release()` lets it commit; `ids` then holds the new attachment's id."""
+
+    def __init__(self, services, folder: Path, org_id: str, case_id: str, data: bytes):
+        import threading
+
+        from authsvc.service_layer.context import Actor
+
+        self.ids: list[str] = []
+        written, self._release = threading.Event(), threading.Event()
+
+        def in_flight() -> None:
+            with services.engine.begin() as conn:
+                self.ids.append(case_actions.add_attachment(
+                    Actor(org_id=org_id, role="coordinator"), conn, case_id,
+                    filename="a.pdf", data=data, folder=folder))
+                written.set()
+                self._release.wait(10)
+
+        self._thread = threading.Thread(target=in_flight)
+        self._thread.start()
+        assert written.wait(10)
+
+    def waits_for_commit(self, cleanup) -> list:  # type: ignore[no-untyped-def]
+        """Run `cleanup()` beside the open upload: it must wait for the commit; its result."""
+        import threading
+
+        result: list = []
+        worker = threading.Thread(target=lambda: result.append(cleanup()))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive()  # waits for the upload's commit
+        self._release.set()
+        self._thread.join(10)
+        worker.join(10)
+        return result
+
+
 def files_in(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
@@ -238,39 +277,15 @@ def test_cleanup_waits_for_an_upload_of_the_same_bytes_still_in_flight(services,
                                                                         case_id):
     """The content lock: a failed upload's cleanup cannot delete the file a concurrent upload
     of the same bytes has written but not yet committed (PostgreSQL; SQLite serializes)."""
-    import threading
-
-    from authsvc.service_layer.context import Actor
-
     if services.engine.dialect.name != "postgresql":
         pytest.skip("two concurrent write transactions need PostgreSQL")
-    written, release = threading.Event(), threading.Event()
-    ids: list[str] = []
-
-    def in_flight() -> None:
-        with services.engine.begin() as conn:
-            ids.append(case_actions.add_attachment(
-                Actor(org_id="org-a", role="coordinator"), conn, case_id, filename="a.pdf",
-                data=PDF, folder=folder))
-            written.set()
-            release.wait(10)
-
-    upload_thread = threading.Thread(target=in_flight)
-    upload_thread.start()
-    assert written.wait(10)
+    held = HeldUpload(services, folder, "org-a", case_id, PDF)
     path = attachment_files.path_for(folder, "org-a", hashlib.sha256(PDF).hexdigest())
     assert path.exists()
-    result: list[bool] = []
-    cleanup = threading.Thread(target=lambda: result.append(case_actions.discard_unreferenced(
-        services.engine, folder, "org-a", hashlib.sha256(PDF).hexdigest())))
-    cleanup.start()
-    cleanup.join(0.5)
-    assert cleanup.is_alive()  # waits for the upload's commit
-    release.set()
-    upload_thread.join(10)
-    cleanup.join(10)
+    result = held.waits_for_commit(lambda: case_actions.discard_unreferenced(
+        services.engine, folder, "org-a", hashlib.sha256(PDF).hexdigest()))
     assert result == [False] and path.read_bytes() == PDF
-    assert stored_file(folder, row_of(services, ids[0])) == path
+    assert stored_file(folder, row_of(services, held.ids[0])) == path
 
 
 def test_the_scheduler_sweeps_orphaned_files_when_a_folder_is_set(client, coord, services,
@@ -331,42 +346,19 @@ def test_sweep_waits_for_the_first_upload_of_an_organization_with_no_document_ye
     """An old orphan of an organization that has no attachment row, and an upload of the
     same bytes in flight: the sweep waits for the upload's commit and the document stays
     downloadable."""
-    import threading
-
-    from authsvc.service_layer.context import Actor
-
     coord_b = tokens["org-b"]["coordinator"]
     order = new_order(client, coord_b, f"ATB-{uuid.uuid4().hex[:8]}")
     case_b = insert_case(services, order["id"], "needs_input")
     orphan = attachment_files.put(folder, "org-b", PDF)  # left by a crash two hours ago
     old = time.time() - 7200
     os.utime(orphan, (old, old))
-    written, release = threading.Event(), threading.Event()
-    ids: list[str] = []
-
-    def in_flight() -> None:
-        with services.engine.begin() as conn:
-            ids.append(case_actions.add_attachment(
-                Actor(org_id="org-b", role="coordinator"), conn, case_b, filename="a.pdf",
-                data=PDF, folder=folder))
-            written.set()
-            release.wait(10)
-
-    upload_thread = threading.Thread(target=in_flight)
-    upload_thread.start()
-    assert written.wait(10)
+    held = HeldUpload(services, folder, "org-b", case_b, PDF)
     assert orphan.stat().st_mtime > old + 3600  # reused, and its age refreshed
-    result: list[dict] = []
-    sweep = threading.Thread(target=lambda: result.append(
-        case_actions.sweep_attachment_files(services.engine, folder)))
-    sweep.start()
-    sweep.join(0.5)
-    assert sweep.is_alive()  # waits for the upload's commit
-    release.set()
-    upload_thread.join(10)
-    sweep.join(10)
+    result = held.waits_for_commit(
+        lambda: case_actions.sweep_attachment_files(services.engine, folder))
     assert result == [{"files": 0, "temporaries": 0}]
-    got = client.get(f"/v1/cases/{case_b}/attachments/{ids[0]}", headers=auth(coord_b))
+    got = client.get(f"/v1/cases/{case_b}/attachments/{held.ids[0]}",
+                     headers=auth(coord_b))
     assert got.status_code == 200 and got.data == PDF
 
 
