@@ -290,13 +290,7 @@ def _address(conn: sa.Connection, row: dict) -> str | None:
 def claim(conn: sa.Connection, notification_id: str, now: dt.datetime,
           lease: dt.timedelta = LEASE) -> bool:
     """Conditional update that takes the lease; the rowcount says whether we won."""
-    n = t.notifications
-    res = conn.execute(n.update().where(
-        n.c.id == notification_id, n.c.status == "queued",
-        sa.or_(n.c.claimed_until.is_(None), n.c.claimed_until < now),
-        sa.or_(n.c.next_attempt_at.is_(None), n.c.next_attempt_at <= now),
-    ).values(claimed_until=now + lease, attempts=n.c.attempts + 1))
-    return res.rowcount == 1
+    return repo.claim_due(conn, t.notifications, notification_id, "queued", now, lease)
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:

@@ -152,16 +152,22 @@ def eligibility_row(conn: sa.Connection, check_id: str) -> Row | None:
     return _one(conn, sa.select(t.eligibility_checks).where(t.eligibility_checks.c.id == check_id))
 
 
+def claim_due(conn: sa.Connection, table: sa.Table, row_id: str, status: str,
+              now: dt.datetime, lease: dt.timedelta) -> bool:
+    """Claim a unit of work (an eligibility check, a notification, a webhook delivery): one
+    conditional UPDATE that takes a free lease on a row in `status` whose next attempt is
+    due, counting the attempt; the rowcount says whether this worker won."""
+    res = conn.execute(table.update().where(
+        table.c.id == row_id, table.c.status == status,
+        sa.or_(table.c.claimed_until.is_(None), table.c.claimed_until < now),
+        sa.or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now),
+    ).values(claimed_until=now + lease, attempts=table.c.attempts + 1))
+    return res.rowcount == 1
+
+
 def claim_eligibility(conn: sa.Connection, check_id: str, now: dt.datetime,
                       lease: dt.timedelta) -> bool:
-    """Conditional update that sets a lease; the rowcount says whether we won."""
-    e = t.eligibility_checks
-    res = conn.execute(e.update().where(
-        e.c.id == check_id, e.c.status == "pending",
-        sa.or_(e.c.claimed_until.is_(None), e.c.claimed_until < now),
-        sa.or_(e.c.next_attempt_at.is_(None), e.c.next_attempt_at <= now),
-    ).values(claimed_until=now + lease, attempts=e.c.attempts + 1))
-    return res.rowcount == 1
+    return claim_due(conn, t.eligibility_checks, check_id, "pending", now, lease)
 
 
 def update_eligibility(conn: sa.Connection, check_id: str, **values: Any) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from authsvc.adapters.db import tables as t
+from authsvc.adapters.db.repo import claim_due
 from authsvc.domain import cases as cs
 
 Row = dict[str, Any]
@@ -235,13 +236,7 @@ def delivery(conn: sa.Connection, delivery_id: str) -> Row | None:
 
 def claim_delivery(conn: sa.Connection, delivery_id: str, now: dt.datetime,
                    lease: dt.timedelta) -> bool:
-    d = t.webhook_deliveries
-    res = conn.execute(d.update().where(
-        d.c.id == delivery_id, d.c.status == "pending",
-        sa.or_(d.c.claimed_until.is_(None), d.c.claimed_until < now),
-        sa.or_(d.c.next_attempt_at.is_(None), d.c.next_attempt_at <= now),
-    ).values(claimed_until=now + lease, attempts=d.c.attempts + 1))
-    return res.rowcount == 1
+    return claim_due(conn, t.webhook_deliveries, delivery_id, "pending", now, lease)
 
 
 def update_delivery(conn: sa.Connection, delivery_id: str, **values: Any) -> None:
