@@ -47,9 +47,18 @@ def _json_response(status: int, body_text: str, replayed: bool = False) -> Respo
     return resp
 
 
+def _located(resp: Response, location: str | None, new_id: object) -> Response:
+    """A 201's Location header: `location` with the created resource's id."""
+    if location and resp.status_code == 201 and isinstance(new_id, str) and new_id:
+        resp.headers["Location"] = location.format(id=new_id)
+    return resp
+
+
 def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
-        raw_body: object) -> Response:
-    """Run `work(conn)` in one transaction, honouring the request's Idempotency-Key."""
+        raw_body: object, location: str | None = None) -> Response:
+    """Run `work(conn)` in one transaction, honouring the request's Idempotency-Key.
+
+    `location` (e.g. "/v1/orders/{id}") makes a 201, replayed or not, carry Location."""
     services = current_app.extensions["authsvc"]
     actor = g.actor
     key = request.headers.get("Idempotency-Key")
@@ -74,7 +83,9 @@ def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
                     raise ApiProblem(422, "This Idempotency-Key was used with a different body.",
                                      errors=[{"field": "Idempotency-Key", "code": "invalid_choice",
                                               "message": "key reused with another body"}])
-                return _json_response(existing.status_code, existing.response_body, True)
+                replay = _json_response(existing.status_code, existing.response_body, True)
+                stored_id = json.loads(existing.response_body).get("id") if location else None
+                return _located(replay, location, stored_id)
         status, body = work(conn)
         text = json.dumps(body)
         if key is not None:
@@ -82,4 +93,4 @@ def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
                 "org_id": actor.org_id, "route": route, "key": key, "fingerprint": fp,
                 "status_code": status, "response_body": text, "created_at": clock.now()})
     failpoints.hit("API_AFTER_COMMIT")
-    return _json_response(status, text)
+    return _located(_json_response(status, text), location, body.get("id"))

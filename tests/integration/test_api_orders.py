@@ -126,6 +126,7 @@ def test_idempotency_replay_conflict_and_key_rules(client, tokens, services):
     assert first.status_code == again.status_code == 201
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Location"] == first.headers["Location"]  # the replay points there too
     other = post(client, token, order_body(external_id="EHR-OTHER"), key)
     assert other.status_code == 422
     # the same key in another organization is another scope

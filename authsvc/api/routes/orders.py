@@ -53,12 +53,7 @@ def create_order() -> Response:
         order_id, view = orders.submit_order(services, g.actor, body, conn)
         return 201, view or views.order_view(conn, g.actor.org_id, order_id)
 
-    resp = idempotency.run(work, required=True, raw_body=raw)
-    if resp.status_code == 201:
-        data = resp.get_json(silent=True) or {}
-        if data.get("id"):
-            resp.headers["Location"] = f"/v1/orders/{data['id']}"
-    return resp
+    return idempotency.run(work, required=True, raw_body=raw, location="/v1/orders/{id}")
 
 
 @blp.route("", methods=["GET"])

@@ -82,12 +82,7 @@ def create_subscription() -> Response:
                 _err("url", "invalid_choice", str(exc))]) from None
         return 201, view
 
-    resp = idempotency.run(work, required=True, raw_body=body)
-    if resp.status_code == 201:
-        data = resp.get_json(silent=True) or {}
-        if data.get("id"):
-            resp.headers["Location"] = f"/v1/subscriptions/{data['id']}"
-    return resp
+    return idempotency.run(work, required=True, raw_body=body, location="/v1/subscriptions/{id}")
 
 
 @blp.route("", methods=["GET"])
