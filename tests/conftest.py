@@ -60,6 +60,18 @@ def database_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture()
+def sinks():
+    """A real SMTP server (aiosmtpd) and the HTTP SMS sink, for notification tests."""
+    from authsvc.adapters.notify.sinks import SmsSink, SmtpSink
+
+    smtp = SmtpSink(port=free_port()).start()
+    sms = SmsSink(port=0).start()
+    yield smtp, sms
+    smtp.stop()
+    sms.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return _test_urls()[1]

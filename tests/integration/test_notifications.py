@@ -43,15 +43,6 @@ def org_tokens(services) -> dict[str, str]:
     return out
 
 
-@pytest.fixture()
-def sinks():
-    smtp = SmtpSink(port=free_port()).start()
-    sms = SmsSink(port=0).start()
-    yield smtp, sms
-    smtp.stop()
-    sms.stop()
-
-
 def wired(services, smtp: SmtpSink, sms: SmsSink, **extra):  # type: ignore[no-untyped-def]
     return dataclasses.replace(services, settings=services.settings.replace(
         smtp_url=smtp.url, sms_url=sms.url, **extra))

@@ -15,7 +15,6 @@ import sqlalchemy as sa
 
 from authsvc.adapters.db import tables as t
 from authsvc.adapters.notify import optout
-from authsvc.adapters.notify.sinks import SmsSink, SmtpSink
 from authsvc.service_layer import notifications
 from tests.conftest import auth, free_port, order_body
 from tests.security.conftest import ROLES, assert_problem, operations, token_operations
@@ -45,15 +44,6 @@ def org_tokens(services) -> dict[str, dict[str, str]]:
             conn.execute(t.organizations.update().where(t.organizations.c.id == org).values(
                 name=f"Clinic {org}", provider_email=OFFICE))
     return out
-
-
-@pytest.fixture()
-def sinks():
-    smtp = SmtpSink(port=free_port()).start()
-    sms = SmsSink(port=0).start()
-    yield smtp, sms
-    smtp.stop()
-    sms.stop()
 
 
 @pytest.fixture()
