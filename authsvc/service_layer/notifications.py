@@ -384,9 +384,9 @@ def send(services: Any, notification_id: str) -> str:
     address opted out) or `skipped` (nothing to do: done already, not due, or leased)."""
     from authsvc.adapters.notify import Permanent, SendError, Transient
 
-    now = clock.now()
     n = t.notifications
     with services.engine.begin() as conn:
+        now = repo.db_now(conn)  # leases and due times on the shared clock (F16)
         lease = dt.timedelta(seconds=services.settings.lease_seconds)
         if not claim(conn, notification_id, now, lease):
             return "skipped"  # sent, failed, not due, or another worker holds the lease
@@ -415,8 +415,8 @@ def send(services: Any, notification_id: str) -> str:
         except Exception as exc:  # noqa: BLE001 - a template or adapter bug is not retried forever
             error = Transient(f"unexpected: {type(exc).__name__}")
     failpoints.hit("NOTIFY_AFTER_SEND_BEFORE_COMMIT")
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = repo.db_now(conn)
         if error is None:
             conn.execute(n.update().where(n.c.id == notification_id).values(
                 status="sent", sent_at=now, provider_message_id=provider_id,

@@ -51,19 +51,7 @@ CARRIES_RELATED_DOCUMENTS = frozenset({"resubmission", "appeal_standard", "appea
 APPEALS = frozenset({"appeal_standard", "appeal_immediate"})
 
 
-def db_now(conn: sa.Connection) -> dt.datetime:
-    """The database's clock, shared by every process (reliability.md F16).
-
-    Leases, due times and the times a step stores (payer_received_at, hence decision_due_at)
-    come from it, so a worker whose own clock runs minutes ahead does not take a lease that is
-    still live, one that runs behind neither stalls due polls nor writes leases that look
-    expired to the others. On SQLite (one machine, embedded) it is the system clock.
-    """
-    if conn.dialect.name == "postgresql":
-        value = conn.execute(sa.text("SELECT statement_timestamp()")).scalar_one()
-        return value.astimezone(dt.UTC)
-    raw = conn.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-    return dt.datetime.fromisoformat(raw).replace(tzinfo=dt.UTC)
+db_now = repo.db_now  # the database's clock (reliability.md F16); see repo.db_now
 
 
 def _lease(services: Services) -> dt.timedelta:

@@ -385,8 +385,8 @@ def _send(url: str, secret: str, event_id: str, payload: Any,
 
 def deliver(services: Services, delivery_id: str) -> str:
     """One attempt of one delivery; returns `delivered`, `retry`, `failed` or `skipped`."""
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = repo.db_now(conn)  # leases and due times on the shared clock (F16)
         row = rc.delivery(conn, delivery_id)
         if row is None:
             return "skipped"
@@ -398,8 +398,8 @@ def deliver(services: Services, delivery_id: str) -> str:
         attempt = row["attempts"] + 1
     status, error = _send(sub["url"], sub["secret"], row["event_id"], row["payload"],
                           services.settings.webhook_allowlist)
-    now = clock.now()
     with services.engine.begin() as conn:
+        now = repo.db_now(conn)
         if error is None:
             rc.update_delivery(conn, delivery_id, status="delivered", delivered_at=now,
                                claimed_until=None, last_status_code=status, last_error=None)

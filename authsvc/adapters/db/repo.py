@@ -152,6 +152,22 @@ def eligibility_row(conn: sa.Connection, check_id: str) -> Row | None:
     return _one(conn, sa.select(t.eligibility_checks).where(t.eligibility_checks.c.id == check_id))
 
 
+def db_now(conn: sa.Connection) -> dt.datetime:
+    """The database's clock, shared by every process (reliability.md F16).
+
+    Leases, due times and the times a step stores (payer_received_at, hence decision_due_at)
+    come from it (payer work, notifications, webhook deliveries): a worker whose own clock
+    runs minutes ahead does not take a lease that is still live, and one that runs behind
+    neither stalls due work nor writes leases that look expired to the others. On SQLite
+    (one machine, embedded) it is the system clock.
+    """
+    if conn.dialect.name == "postgresql":
+        value = conn.execute(sa.text("SELECT statement_timestamp()")).scalar_one()
+        return value.astimezone(dt.UTC)
+    raw = conn.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+    return dt.datetime.fromisoformat(raw).replace(tzinfo=dt.UTC)
+
+
 def claim_due(conn: sa.Connection, table: sa.Table, row_id: str, status: str,
               now: dt.datetime, lease: dt.timedelta) -> bool:
     """Claim a unit of work (an eligibility check, a notification, a webhook delivery): one
