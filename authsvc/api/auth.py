@@ -79,7 +79,8 @@ def _token_actor_from_header() -> Actor:
     digest = hash_token(token)
     services = current_app.extensions["authsvc"]
     now = clock.now()
-    with services.engine.connect() as conn:
+    # Autocommit: one round trip, no BEGIN/ROLLBACK around a single read.
+    with services.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         row = repo.token_by_hash(conn, digest)
     if row is None or not hmac.compare_digest(row["token_hash"], digest):
         raise _deny("unknown_token", "The token is not valid.")

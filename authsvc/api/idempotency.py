@@ -16,6 +16,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from flask import Response, current_app, g, request
 
+from authsvc.adapters.db import batch
 from authsvc.adapters.db import tables as t
 from authsvc.api.errors import ApiProblem
 from authsvc.domain import clock
@@ -27,7 +28,12 @@ _IK = t.idempotency_keys
 _LOOKUP = sa.select(_IK.c.fingerprint, _IK.c.status_code, _IK.c.response_body).where(
     _IK.c.org_id == sa.bindparam("org_id"), _IK.c.route == sa.bindparam("route"),
     _IK.c.key == sa.bindparam("key"))
-_STORE = _IK.insert()
+_LOCK_AND_LOOKUP = sa.select(
+    sa.func.pg_try_advisory_xact_lock(sa.bindparam("lock", type_=sa.BigInteger)).label("got"),
+    _IK.c.fingerprint, _IK.c.status_code, _IK.c.response_body,
+).select_from(sa.select(sa.literal(1).label("one")).subquery("one").outerjoin(_IK, sa.and_(
+    _IK.c.org_id == sa.bindparam("org_id"), _IK.c.route == sa.bindparam("route"),
+    _IK.c.key == sa.bindparam("key"))))
 
 
 def fingerprint(body: object) -> str:
@@ -54,6 +60,17 @@ def _located(resp: Response, location: str | None, new_id: object) -> Response:
     return resp
 
 
+def _replay(existing: sa.Row, fp: str, location: str | None) -> Response:
+    """The stored response again, or 422 when the key came with another body."""
+    if existing.fingerprint != fp:
+        raise ApiProblem(422, "This Idempotency-Key was used with a different body.",
+                         errors=[{"field": "Idempotency-Key", "code": "invalid_choice",
+                                  "message": "key reused with another body"}])
+    replay = _json_response(existing.status_code, existing.response_body, True)
+    stored_id = json.loads(existing.response_body).get("id") if location else None
+    return _located(replay, location, stored_id)
+
+
 def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
         raw_body: object, location: str | None = None) -> Response:
     """Run `work(conn)` in one transaction, honouring the request's Idempotency-Key.
@@ -67,30 +84,39 @@ def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
     if key is not None and not KEY_RE.fullmatch(key):
         raise ApiProblem(400, "Idempotency-Key must be 1-255 visible ASCII characters.")
     route = request.url_rule.rule if request.url_rule else request.path
-    with services.engine.begin() as conn:
-        if key is not None:
-            fp = fingerprint(raw_body)
-            if conn.dialect.name == "postgresql":
-                got = conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(
-                    _lock_key(actor.org_id, route, key)))).scalar()
-                if not got:
-                    raise ApiProblem(409, "A request with this Idempotency-Key is in flight.",
-                                     headers={"Retry-After": "1"})
-            existing = conn.execute(_LOOKUP, {"org_id": actor.org_id, "route": route,
-                                              "key": key}).first()
-            if existing is not None:
-                if existing.fingerprint != fp:
-                    raise ApiProblem(422, "This Idempotency-Key was used with a different body.",
-                                     errors=[{"field": "Idempotency-Key", "code": "invalid_choice",
-                                              "message": "key reused with another body"}])
-                replay = _json_response(existing.status_code, existing.response_body, True)
-                stored_id = json.loads(existing.response_body).get("id") if location else None
-                return _located(replay, location, stored_id)
-        status, body = work(conn)
-        text = json.dumps(body)
-        if key is not None:
-            conn.execute(_STORE, {
-                "org_id": actor.org_id, "route": route, "key": key, "fingerprint": fp,
-                "status_code": status, "response_body": text, "created_at": clock.now()})
+    scope = {"org_id": actor.org_id, "route": route, "key": key}
+    fp = fingerprint(raw_body) if key is not None else ""
+    try:
+        with services.engine.begin() as conn:
+            if key is not None:
+                if conn.dialect.name == "postgresql":
+                    # The in-flight lock and the lookup in one round trip. The lookup's snapshot
+                    # can predate the commit of a request that held the lock a moment ago: then
+                    # our record collides with its row at commit (handled below).
+                    existing = conn.execute(_LOCK_AND_LOOKUP, {
+                        **scope, "lock": _lock_key(actor.org_id, route, key)}).one()
+                    if not existing.got:
+                        raise ApiProblem(409, "A request with this Idempotency-Key is in "
+                                         "flight.", headers={"Retry-After": "1"})
+                    if existing.status_code is not None:
+                        return _replay(existing, fp, location)
+                else:
+                    existing = conn.execute(_LOOKUP, scope).first()
+                    if existing is not None:
+                        return _replay(existing, fp, location)
+            status, body = work(conn)
+            text = json.dumps(body)
+            if key is not None:
+                batch.add(conn, _IK, {
+                    **scope, "fingerprint": fp, "status_code": status, "response_body": text,
+                    "created_at": clock.now()})
+    except sa.exc.IntegrityError:
+        if key is None:
+            raise
+        with services.engine.connect() as conn:
+            existing = conn.execute(_LOOKUP, scope).first()
+        if existing is None:
+            raise
+        return _replay(existing, fp, location)  # the other request's work stands, not ours
     failpoints.hit("API_AFTER_COMMIT")
     return _located(_json_response(status, text), location, body.get("id"))

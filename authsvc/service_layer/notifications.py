@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from prometheus_client import Counter
 
-from authsvc.adapters.db import repo
+from authsvc.adapters.db import batch, repo
 from authsvc.adapters.db import tables as t
 from authsvc.domain import clock, ids
 from authsvc.service_layer import failpoints
@@ -89,14 +89,17 @@ def notification_event(event: str, detail: dict | None) -> str | None:
 # ------------------------------------------------------------------ planning
 
 
-def recipients(conn: sa.Connection, org_id: str, order_id: str, kind: str) -> list[dict]:
-    """Who hears about `kind`: each patient/caregiver contact on its channel, the provider."""
+def recipients(conn: sa.Connection, org_id: str, order_id: str, kind: str,
+               contacts: list | None = None) -> list[dict]:
+    """Who hears about `kind`: each patient/caregiver contact on its channel, the provider.
+    `contacts`: the patient's contacts when the caller holds them (order intake)."""
     out: list[dict] = []
     if kind in FAMILY_EVENTS:
-        contacts = conn.execute(
-            sa.select(t.patients.c.contacts).select_from(
-                t.orders.join(t.patients, t.patients.c.id == t.orders.c.patient_id))
-            .where(t.orders.c.id == order_id)).scalar() or []
+        if contacts is None:
+            contacts = conn.execute(
+                sa.select(t.patients.c.contacts).select_from(
+                    t.orders.join(t.patients, t.patients.c.id == t.orders.c.patient_id))
+                .where(t.orders.c.id == order_id)).scalar() or []
         for index, contact in enumerate(contacts):
             if not isinstance(contact, dict):
                 continue
@@ -142,7 +145,7 @@ def _insert_once(dialect: str) -> sa.Executable:
 
 
 def plan(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None, event: str,
-         at: dt.datetime, detail: dict | None = None) -> None:
+         at: dt.datetime, detail: dict | None = None, contacts: list | None = None) -> None:
     """Write the notification rows (and their outbox rows) that `event` causes, in its
     transaction; the version counts occurrences of the notification event on the order."""
     from authsvc.adapters.notify import render
@@ -150,11 +153,14 @@ def plan(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None
     kind = notification_event(event, detail)
     if kind is None:
         return
-    targets = recipients(conn, org_id, order_id, kind)
+    targets = recipients(conn, org_id, order_id, kind, contacts)
     if not targets:
         return
     n = t.notifications
-    version = 1 + (conn.execute(sa.select(sa.func.max(n.c.version)).where(
+    # An order is received once, in its own intake transaction: version 1, nothing to read
+    # and nothing its rows could duplicate, so they are queued with the order's other rows.
+    first = kind == "received"
+    version = 1 if first else 1 + (conn.execute(sa.select(sa.func.max(n.c.version)).where(
         n.c.order_id == order_id, n.c.event == kind)).scalar() or 0)
     for target in targets:
         notification_id = ids.new_id("ntf")
@@ -170,7 +176,9 @@ def plan(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | None
             "next_attempt_at": None if failed else at, "last_error": target["problem"],
             "created_at": at, "address": target["address"],
         }
-        if not _insert_ignoring_duplicates(conn, values):
+        if first:
+            batch.add(conn, n, values)
+        elif not _insert_ignoring_duplicates(conn, values):
             continue
         PLANNED.labels(target["channel"]).inc()
         if failed:

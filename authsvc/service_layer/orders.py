@@ -73,6 +73,11 @@ def submit_order(services: Services, actor: Actor, body: dict,
 
     determinations = crd.reuse_assertions(conn, actor.org_id, body, version, determinations,
                                           order_id=order_id, at=now, actor=actor.label)
+    # Reads first, then writes: the rows below are queued (`repo.insert_order` and friends) and
+    # leave in one round trip at commit unless a read in between sends them early.
+    from authsvc.service_layer import webhooks_out
+
+    webhooks_out.subscriptions(conn, actor.org_id)
     patient_id = repo.upsert_patient(conn, actor.org_id, body["patient"], now)
     eligibility = "pending" if needs_eligibility(determinations) else "not_required"
     coverage = body["coverage"]
@@ -97,7 +102,8 @@ def submit_order(services: Services, actor: Actor, body: dict,
     } for line, det in zip(body["lines"], determinations, strict=True)])
     received = {"ruleset_version": version, "lines": len(determinations)}
     timeline.record(conn, org_id=actor.org_id, order_id=order_id, at=now,
-                    event="order_received", actor=actor.label, detail=received)
+                    event="order_received", actor=actor.label, detail=received,
+                    contacts=body["patient"].get("contacts") or [])
     if eligibility == "pending":
         check_id = ids.new_id("elg")
         repo.insert_eligibility(conn, {

@@ -13,7 +13,7 @@ calls `announce` in the transaction of the state change, so a delivery exists ex
 its event committed. Their payloads carry ids, states, codes and times only, never the
 patient's name, birth date, member id or any free text (notes, references). When the
 organization has no subscription to the event (the usual case on order intake) the whole
-cost is one small SELECT per transaction (`_active_subscriptions` memoizes it).
+cost is one small SELECT per transaction (`subscriptions` memoizes it).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ for _event in ("begin", "commit", "rollback"):
     sa.event.listen(sa.engine.Engine, _event, _forget_subscriptions)
 
 
-def _active_subscriptions(conn: sa.Connection, org_id: str) -> list[dict]:
+def subscriptions(conn: sa.Connection, org_id: str) -> list[dict]:
     """The organization's live subscriptions, read once per transaction (an order's intake
     records several timeline events; each would otherwise cost a query)."""
     if not conn.in_transaction():  # a memo outside a transaction belongs to an earlier one
@@ -281,7 +281,7 @@ def enqueue_event(conn: sa.Connection, org_id: str, event_type: str, payload: di
     For `outcome.created`, `payload` may be `{"outcome_id": ...}`: the feed item (with its
     cursor) is read back from the row just inserted. Returns the number of deliveries.
     """
-    subs = [s for s in _active_subscriptions(conn, org_id)
+    subs = [s for s in subscriptions(conn, org_id)
             if event_type in (s["events"] or ())]
     if not subs:
         return 0
@@ -348,7 +348,7 @@ def announce(conn: sa.Connection, *, org_id: str, order_id: str, case_id: str | 
     """
     if event not in TIMELINE_KINDS:
         return 0
-    subs = _active_subscriptions(conn, org_id)
+    subs = subscriptions(conn, org_id)
     if not subs:
         return 0
     wanted = set().union(*((s["events"] or ()) for s in subs))

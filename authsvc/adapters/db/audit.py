@@ -31,6 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from authsvc.adapters.db import batch
 from authsvc.adapters.db import tables as t
 
 CHAIN_FIELDS = ("at", "org_id", "token_id", "role", "action", "entity_type", "entity_id",
@@ -65,8 +66,11 @@ def row_hash(prev_hash: str, values: dict[str, Any]) -> str:
 
 
 def _lock(conn: sa.Connection) -> None:
+    # The queued rows go first, in their own statement: their foreign-key checks may wait on
+    # another transaction's row lock, which must never happen while holding the chain lock.
+    batch.flush(conn)
     if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_KEY})
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": LOCK_KEY})
 
 
 def _head(conn: sa.Connection) -> str:

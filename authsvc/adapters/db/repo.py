@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from authsvc.adapters.db import batch
 from authsvc.adapters.db import tables as t
 from authsvc.domain import ids
 from authsvc.domain.payer import ExchangeRecord
@@ -78,8 +79,9 @@ def _patient_upsert(dialect: str) -> sa.Executable:
 
 
 def insert_order(conn: sa.Connection, values: dict, lines: Sequence[dict]) -> None:
-    conn.execute(t.orders.insert(), values)
-    conn.execute(t.order_lines.insert(), [{"order_id": values["id"], **line} for line in lines])
+    """Queued (`batch`): the order and its lines go with the transaction's other new rows."""
+    batch.add(conn, t.orders, values)
+    batch.add(conn, t.order_lines, [{"order_id": values["id"], **line} for line in lines])
 
 
 def order_row(conn: sa.Connection, order_id: str, org_id: str | None = None) -> Row | None:
@@ -139,7 +141,7 @@ def list_orders(conn: sa.Connection, org_id: str, *, status: str | None, mrn: st
 
 
 def insert_eligibility(conn: sa.Connection, values: dict) -> None:
-    conn.execute(t.eligibility_checks.insert(), {"attempts": 0, **values})
+    batch.add(conn, t.eligibility_checks, {"attempts": 0, **values})
 
 
 def latest_eligibility(conn: sa.Connection, order_id: str) -> Row | None:
@@ -282,8 +284,8 @@ def exchanges_of_case(conn: sa.Connection, case_id: str) -> list[Row]:
 
 def add_outbox(conn: sa.Connection, actor: str, entity_id: str, now: dt.datetime,
                available_at: dt.datetime | None = None) -> None:
-    conn.execute(t.outbox.insert(), {"actor": actor, "entity_id": entity_id, "created_at": now,
-                                     "available_at": available_at or now, "publish_count": 0})
+    batch.add(conn, t.outbox, {"actor": actor, "entity_id": entity_id, "created_at": now,
+                               "available_at": available_at or now, "publish_count": 0})
 
 
 def pending_outbox(conn: sa.Connection, now: dt.datetime, limit: int) -> list[Row]:
@@ -346,7 +348,7 @@ def outcomes_of_order(conn: sa.Connection, order_id: str) -> list[Row]:
 def add_timeline(conn: sa.Connection, *, org_id: str, order_id: str, at: dt.datetime,
                  event: str, actor: str, case_id: str | None = None,
                  detail: dict | None = None) -> None:
-    conn.execute(t.timeline_events.insert(), {
+    batch.add(conn, t.timeline_events, {
         "org_id": org_id, "order_id": order_id, "case_id": case_id, "at": at, "event": event,
         "actor": actor, "detail": detail})
 
