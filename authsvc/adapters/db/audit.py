@@ -112,7 +112,8 @@ def append(conn: sa.Connection, **values: Any) -> None:
 
 
 def _write_pending(conn: sa.Connection) -> None:
-    """The `commit` listener: lock the chain, read its head, insert the queued rows."""
+    """Run at commit (`batch.before_commit`): lock the chain, read its head, insert the
+    queued rows."""
     rows = conn.info.pop(_PENDING, None)
     if not rows:
         return
@@ -152,7 +153,7 @@ def _drop_pending(conn: sa.Connection) -> None:
     conn.info.pop(_PENDING, None)
 
 
-sa.event.listen(sa.engine.Engine, "commit", _write_pending)
+batch.before_commit(lambda conn: bool(conn.info.get(_PENDING)), _write_pending)
 sa.event.listen(sa.engine.Engine, "rollback", _drop_pending)
 sa.event.listen(sa.engine.Engine, "begin", _drop_pending)
 

@@ -12,6 +12,13 @@ a rollback drops it. On PostgreSQL a flush is one statement: a data-modifying CT
 (table, columns) group reading `json_populate_recordset`, so the server parses the values with
 the tables' own column types; on SQLite (no network) it is an executemany per group.
 
+At commit on PostgreSQL, the flush, the writers registered with `before_commit` (the audit
+chain) and the COMMIT itself go in one libpq pipeline: one round trip where they took four.
+They still run one after the other on the server, each statement with its own snapshot, and
+the first error (a constraint, a lost connection) is raised from the commit as usual. Likewise
+the first statement of a transaction travels with its BEGIN (psycopg would send BEGIN alone
+and wait for it).
+
 Only for rows that cannot conflict (fresh ids, append-only tables): a constraint violation
 surfaces at the flush, not at the `add` call.
 """
@@ -20,13 +27,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
 
 _PENDING = "authsvc_batch_pending"
 _SQL: dict[tuple, str] = {}  # statement text per groups' signature: built once
+# (has something to write?, write it): run at commit after the queued rows, in this order
+_WRITERS: list[tuple[Callable[[sa.Connection], bool], Callable[[sa.Connection], None]]] = []
 
 
 def add(conn: sa.Connection, table: sa.Table, rows: dict[str, Any] | Iterable[dict[str, Any]]
@@ -34,8 +43,9 @@ def add(conn: sa.Connection, table: sa.Table, rows: dict[str, Any] | Iterable[di
     """Queue rows for `table` in the caller's transaction (every row with the same keys)."""
     queue = conn.info.setdefault(_PENDING, [])
     for row in [rows] if isinstance(rows, dict) else rows:
-        if not row.keys() <= table.c.keys():
-            raise KeyError(f"not columns of {table.name}: {sorted(row.keys() - table.c.keys())}")
+        unknown = [key for key in row if key not in table.c]
+        if unknown:
+            raise KeyError(f"not columns of {table.name}: {unknown}")
         queue.append((table, row))
 
 
@@ -97,6 +107,63 @@ def flush(conn: sa.Connection) -> None:
         f"g{i}": json.dumps(rows, default=_json_value) for i, (_t, _k, rows) in enumerate(groups)})
 
 
+def before_commit(has_pending: Callable[[sa.Connection], bool],
+                  write: Callable[[sa.Connection], None]) -> None:
+    """Register a writer that runs at every commit, after the queued rows (audit's chain)."""
+    _WRITERS.append((has_pending, write))
+
+
+def _commit(conn: sa.Connection) -> None:
+    """The `commit` listener: queued rows, then the writers, then (PostgreSQL) COMMIT, in
+    one pipeline; SQLAlchemy's own COMMIT that follows finds no transaction and sends
+    nothing."""
+    if conn.invalidated:
+        return
+    if conn.dialect.name != "postgresql":
+        flush(conn)
+        for _has_pending, write in _WRITERS:
+            write(conn)
+        return
+    writers = [write for has_pending, write in _WRITERS if has_pending(conn)]
+    if not writers and not conn.info.get(_PENDING):
+        return
+    import psycopg
+
+    driver = conn.connection.driver_connection
+    if driver.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        flush(conn)
+        for write in writers:
+            write(conn)
+        return
+    try:
+        with driver.pipeline():
+            flush(conn)
+            for write in writers:
+                write(conn)
+            driver.execute("COMMIT")
+    except psycopg.Error as exc:
+        # SQLAlchemy's mapping (sa.exc.IntegrityError, …) and its disconnect handling, as
+        # for an error from its own COMMIT
+        conn._handle_dbapi_exception(exc, "COMMIT", None, None, None)  # noqa: SLF001
+
+
+def _do_execute(cursor: Any, statement: str, parameters: Any,
+                context: sa.engine.ExecutionContext) -> bool | None:
+    """The `do_execute` hook: a transaction's first statement in one pipeline with the BEGIN
+    psycopg sends before it (one round trip, not two). True when it executed the statement."""
+    if context.dialect.name != "postgresql":
+        return None
+    import psycopg
+
+    driver = cursor.connection
+    if (driver.autocommit or isinstance(cursor, psycopg.ServerCursor)
+            or driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE):
+        return None
+    with driver.pipeline():
+        cursor.execute(statement, parameters)
+    return True
+
+
 def _before_execute(conn: sa.Connection, *_args: Any) -> None:
     if not conn.invalidated and conn.info.get(_PENDING):
         flush(conn)
@@ -108,6 +175,7 @@ def _drop(conn: sa.Connection) -> None:
 
 
 sa.event.listen(sa.engine.Engine, "before_execute", _before_execute)
-sa.event.listen(sa.engine.Engine, "commit", flush)
+sa.event.listen(sa.engine.Engine, "commit", _commit)
+sa.event.listen(sa.engine.Engine, "do_execute", _do_execute)
 sa.event.listen(sa.engine.Engine, "rollback", _drop)
 sa.event.listen(sa.engine.Engine, "begin", _drop)
