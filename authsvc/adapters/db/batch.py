@@ -15,9 +15,7 @@ the tables' own column types; on SQLite (no network) it is an executemany per gr
 At commit on PostgreSQL, the flush, the writers registered with `before_commit` (the audit
 chain) and the COMMIT itself go in one libpq pipeline: one round trip where they took four.
 They still run one after the other on the server, each statement with its own snapshot, and
-the first error (a constraint, a lost connection) is raised from the commit as usual. Likewise
-the first statement of a transaction travels with its BEGIN (psycopg would send BEGIN alone
-and wait for it).
+the first error (a constraint, a lost connection) is raised from the commit as usual.
 
 Only for rows that cannot conflict (fresh ids, append-only tables): a constraint violation
 surfaces at the flush, not at the `add` call.
@@ -147,23 +145,6 @@ def _commit(conn: sa.Connection) -> None:
         conn._handle_dbapi_exception(exc, "COMMIT", None, None, None)  # noqa: SLF001
 
 
-def _do_execute(cursor: Any, statement: str, parameters: Any,
-                context: sa.engine.ExecutionContext) -> bool | None:
-    """The `do_execute` hook: a transaction's first statement in one pipeline with the BEGIN
-    psycopg sends before it (one round trip, not two). True when it executed the statement."""
-    if context.dialect.name != "postgresql":
-        return None
-    import psycopg
-
-    driver = cursor.connection
-    if (driver.autocommit or isinstance(cursor, psycopg.ServerCursor)
-            or driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE):
-        return None
-    with driver.pipeline():
-        cursor.execute(statement, parameters)
-    return True
-
-
 def _before_execute(conn: sa.Connection, *_args: Any) -> None:
     if not conn.invalidated and conn.info.get(_PENDING):
         flush(conn)
@@ -176,6 +157,5 @@ def _drop(conn: sa.Connection) -> None:
 
 sa.event.listen(sa.engine.Engine, "before_execute", _before_execute)
 sa.event.listen(sa.engine.Engine, "commit", _commit)
-sa.event.listen(sa.engine.Engine, "do_execute", _do_execute)
 sa.event.listen(sa.engine.Engine, "rollback", _drop)
 sa.event.listen(sa.engine.Engine, "begin", _drop)
