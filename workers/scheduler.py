@@ -107,21 +107,31 @@ class Scheduler:
         return sent
 
     def deadlines_once(self) -> int:
-        """Raise needs_attention `overdue` on open cases whose decision deadline passed."""
+        """Raise the overdue alert on open cases whose decision deadline passed, once per
+        deadline: a `decision_overdue` timeline event (provider notice, webhook) and
+        needs_attention `overdue`, unless the case already needs attention for a more
+        specific reason (an information request, a rejection), which stays. A coordinator
+        who resolves it does not see it again for the same deadline; a new deadline (the
+        payer received an update) can raise it again."""
         now = clock.now()
         c = t.cases
         open_states = [s for s in cs.STATES if cs.is_open(s)]
         with self.services.engine.begin() as conn:
-            rows = conn.execute(sa.select(c.c.id, c.c.org_id, c.c.order_id).where(
+            rows = conn.execute(sa.select(
+                c.c.id, c.c.org_id, c.c.order_id, c.c.attention_reason,
+            ).where(
                 c.c.state.in_(open_states), c.c.decision_due_at < now,
-                sa.or_(c.c.attention_reason.is_(None), c.c.attention_reason != "overdue"),
+                sa.or_(c.c.overdue_raised_at.is_(None),
+                       c.c.overdue_raised_at < c.c.decision_due_at),
             ).limit(1000)).mappings().all()
             for row in rows:
-                repo.update_case(conn, row["id"], attention_reason="overdue",
-                                 attention_since=now, updated_at=now)
+                attention = {} if row["attention_reason"] else {
+                    "attention_reason": "overdue", "attention_since": now}
+                repo.update_case(conn, row["id"], overdue_raised_at=now, updated_at=now,
+                                 **attention)
                 timeline.record(conn, org_id=row["org_id"], order_id=row["order_id"],
-                                  case_id=row["id"], at=now, event="decision_overdue",
-                                  actor="system")
+                                case_id=row["id"], at=now, event="decision_overdue",
+                                actor="system")
         return len(rows)
 
     def attachment_files_once(self) -> dict[str, int]:

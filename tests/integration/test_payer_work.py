@@ -178,6 +178,59 @@ def test_overdue_case_raises_needs_attention_with_the_injected_clock(
         clock.install(previous)
 
 
+def _overdue_events(svc, case: dict) -> int:  # type: ignore[no-untyped-def]
+    with svc.engine.connect() as conn:
+        return sum(1 for e in repo.timeline(conn, case["order_id"])
+                   if e["event"] == "decision_overdue" and e["case_id"] == case["id"])
+
+
+def test_overdue_is_raised_once_per_deadline_and_keeps_a_more_specific_reason(
+        services, client, tokens, sim_factory):
+    """A coordinator who resolves the overdue alert does not get it back two seconds later for
+    the same deadline; a case that already needs attention for an information request keeps
+    that reason (the alert is still on its timeline); a new deadline raises it again."""
+    svc = with_sim(services, sim_factory())
+    first = drive(svc, new_case(svc, client, tokens, f"SIM-SILENT-{uuid.uuid4().hex[:6]}"))
+    other = drive(svc, new_case(svc, client, tokens, f"SIM-SILENT-{uuid.uuid4().hex[:6]}"))
+    assert first["state"] == other["state"] == "pended"
+    with svc.engine.begin() as conn:
+        repo.update_case(conn, other["id"], attention_reason="info_requested",
+                         attention_since=clock.now())
+    due = max(first["decision_due_at"], other["decision_due_at"])
+    scheduler = Scheduler(svc, broker=None)
+    previous = clock.install(clock.FixedClock(due + dt.timedelta(seconds=1)))
+    try:
+        scheduler.deadlines_once()
+        with svc.engine.connect() as conn:
+            assert repo.case_row(conn, first["id"])["attention_reason"] == "overdue"
+            assert repo.case_row(conn, other["id"])["attention_reason"] == "info_requested"
+        assert _overdue_events(svc, first) == _overdue_events(svc, other) == 1
+
+        resolved = client.post(f"/v1/cases/{first['id']}/resolve",
+                               json={"note": "Called the payer; decision expected today."},
+                               headers=auth(tokens["org-a"]["coordinator"]))
+        assert resolved.status_code == 200, resolved.get_json()
+        for minutes in (1, 5, 60):  # the scheduler's later sweeps, same deadline
+            clock.install(clock.FixedClock(due + dt.timedelta(minutes=minutes)))
+            scheduler.deadlines_once()
+        with svc.engine.connect() as conn:
+            assert repo.case_row(conn, first["id"])["attention_reason"] is None
+            assert repo.case_row(conn, other["id"])["attention_reason"] == "info_requested"
+        assert _overdue_events(svc, first) == _overdue_events(svc, other) == 1
+
+        # the payer received an update: a new deadline, and once it passes, a new alert
+        later = due + dt.timedelta(days=7)
+        with svc.engine.begin() as conn:
+            repo.update_case(conn, first["id"], decision_due_at=later)
+        clock.install(clock.FixedClock(later + dt.timedelta(seconds=1)))
+        scheduler.deadlines_once()
+        with svc.engine.connect() as conn:
+            assert repo.case_row(conn, first["id"])["attention_reason"] == "overdue"
+        assert _overdue_events(svc, first) == 2
+    finally:
+        clock.install(previous)
+
+
 def test_429_is_retried_no_sooner_than_retry_after(services, client, tokens, sim_factory):
     """F11: the payer's Retry-After (30 s from the simulator) wins over a shorter backoff."""
     sim = sim_factory(AUTHSVC_SIM_FAULT="429")

@@ -167,6 +167,8 @@ cases = sa.Table(
     sa.Column("submitted_at", UTCDateTime),
     sa.Column("payer_received_at", UTCDateTime),
     sa.Column("decision_due_at", UTCDateTime),
+    # when the scheduler last raised the overdue alert (once per deadline: migration 0007)
+    sa.Column("overdue_raised_at", UTCDateTime),
     sa.Column("decided_at", UTCDateTime),
     sa.Column("next_poll_at", UTCDateTime),
     sa.Column("poll_attempts", sa.Integer, nullable=False, default=0),
