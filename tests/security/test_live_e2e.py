@@ -193,6 +193,9 @@ def test_S8_canary_phi_appears_nowhere_outside_the_phi_tables(live, redis_url, s
             t.orders.c.id == final["id"])).scalar()
     error_bodies += _s1_to_s3_traffic(system, final, token, other.token)
     error_bodies += _short_load(system, token)
+    # the burst's orders settle first: still in flight when the payer starts failing, their
+    # retries and inquiries would open the circuit breaker and hold the probes back
+    wait_for(lambda: _in_flight(services) == 0, timeout=120)
     error_bodies += _payer_fault_traffic(system, services)
     px = t.payer_exchanges
     with services.engine.connect() as conn:  # F12: each fault is a failure with a typed reason
@@ -343,11 +346,24 @@ FAULTS = [("503", 503), ("500", 500), ("429", 429), ("html", 200), ("truncated",
           ("huge", 200), ("redirect=http://127.0.0.1:{victim}/steal", 302)]
 
 
-def _failed_exchanges(services) -> int:
+def _in_flight(services) -> int:
+    """canary-org orders or cases still on their way to the payer."""
+    o, c = t.orders, t.cases
+    with services.engine.connect() as conn:
+        orders = conn.execute(sa.select(sa.func.count()).select_from(o).where(
+            o.c.org_id == "canary-org",
+            o.c.status.in_(["received", "checking_eligibility"]))).scalar()
+        cases = conn.execute(sa.select(sa.func.count()).select_from(c).where(
+            c.c.org_id == "canary-org",
+            c.c.state.in_(["ready_to_submit", "submitting"]))).scalar()
+    return orders + cases
+
+
+def _failed_exchanges(services, case_id: str) -> int:
     px = t.payer_exchanges
     with services.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(px).where(
-            px.c.org_id == "canary-org", px.c.kind == "submit",
+            px.c.org_id == "canary-org", px.c.case_id == case_id, px.c.kind == "submit",
             px.c.error.is_not(None))).scalar()
 
 
@@ -365,20 +381,24 @@ def _payer_fault_traffic(system, services) -> list[bytes]:
             mode = mode.format(victim=victim.getsockname()[1])
             system.kill("payer-sim")
             system.kill("worker")
-            before = _failed_exchanges(services)
             system.start("payer-sim", "payer-sim", env={"AUTHSVC_SIM_FAULT": mode})
             system.wait_http(f"{system.sim}/sim/submissions")
             system.start("worker", "worker", "--threads", "4")
             body = canary_body(diagnoses=["M54.50"])  # the canary NPI holds a gold card:
             body["requester"]["npi"] = "1003000126"   # another requester sends it to the payer
             body["performer"]["npi"] = "1234567893"
-            code, _, _ = clin.request("POST", "/v1/orders", body,
-                                      {"Idempotency-Key": uuid.uuid4().hex})
+            code, _, order = clin.request("POST", "/v1/orders", body,
+                                          {"Idempotency-Key": uuid.uuid4().hex})
             assert code == 201
+            # this mode's probe is followed by its case id: earlier probes still retrying
+            # call the same faulty payer with the same member id
+            case_id = wait_for(lambda: next(iter(
+                clin.request("GET", f"/v1/orders/{order['id']}")[2]["cases"]), {}).get("id"))
 
-            def faulted(status=status):  # type: ignore[no-untyped-def]
+            def faulted(status=status, case_id=case_id):  # type: ignore[no-untyped-def]
                 return [e for e in system.submissions("CANARYMBR000123")
-                        if not e["accepted"] and e["http_status"] == status]
+                        if e["claim_id"] == case_id and not e["accepted"]
+                        and e["http_status"] == status]
 
             try:
                 wait_for(faulted, timeout=60)
@@ -386,7 +406,7 @@ def _payer_fault_traffic(system, services) -> list[bytes]:
                 raise AssertionError((mode, system.submissions("CANARYMBR000123"))) from None
             # the worker has read (up to its cap), logged and recorded the faulted answer
             # before the next mode kills it
-            wait_for(lambda: _failed_exchanges(services) > before, timeout=60)
+            wait_for(lambda case_id=case_id: _failed_exchanges(services, case_id), timeout=60)
         with pytest.raises(TimeoutError):  # the 302 was not followed
             victim.accept()
     finally:
