@@ -88,6 +88,9 @@ def _token_actor_from_header() -> Actor:
         raise _deny("revoked_token", "The token was revoked.", row["id"])
     if row["expires_on"] is not None and now.date() > row["expires_on"]:
         raise _deny("expired_token", "The token has expired.", row["id"])
+    # on PostgreSQL the lookup brought the organization's webhook subscriptions (see
+    # `repo.token_by_hash`): order intake uses them instead of reading them again
+    g.org_subscriptions = row.get("webhook_subscriptions")
     last = row["last_used_at"]
     if last is None or now - last > dt.timedelta(seconds=60):
         with services.engine.begin() as conn:

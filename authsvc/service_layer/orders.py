@@ -58,13 +58,15 @@ def determine(services: Services, body: dict) -> tuple[str, list[Determination]]
     return engine.version(facts.payer_id), engine.determine(facts)
 
 
-def submit_order(services: Services, actor: Actor, body: dict,
-                 conn: sa.Connection) -> tuple[str, dict | None]:
+def submit_order(services: Services, actor: Actor, body: dict, conn: sa.Connection,
+                 subscriptions: list[dict] | None = None) -> tuple[str, dict | None]:
     """Store a validated order with its determinations and the work it causes.
 
     Runs inside the caller's transaction (the API's idempotency record shares it). Returns
     the order id and, when no case was opened yet (the usual path: eligibility pending),
     the order's API view built from the values in hand, saving a re-read on intake.
+    `subscriptions`: the organization's live webhook subscriptions when the caller has just
+    read them (`webhooks_out.subscriptions`).
     """
     now = clock.now()
     version, determinations = determine(services, body)
@@ -77,7 +79,7 @@ def submit_order(services: Services, actor: Actor, body: dict,
     # leave in one round trip at commit unless a read in between sends them early.
     from authsvc.service_layer import webhooks_out
 
-    webhooks_out.subscriptions(conn, actor.org_id)
+    webhooks_out.subscriptions(conn, actor.org_id, subscriptions)
     patient_id = repo.upsert_patient(conn, actor.org_id, body["patient"], now)
     eligibility = "pending" if needs_eligibility(determinations) else "not_required"
     coverage = body["coverage"]

@@ -78,10 +78,9 @@ TIMELINE_KINDS = frozenset({
 })
 _SUBS_MEMO = "authsvc_webhook_subscriptions"
 _subs = rc.t.webhook_subscriptions
-#: `repo_cases.active_subscriptions` built once (it runs on every order intake).
+#: the live subscriptions (`repo.active_subscriptions`), built once: it runs on most writes.
 _ACTIVE = sa.select(_subs.c.id, _subs.c.events).where(
-    _subs.c.org_id == sa.bindparam("org_id"), _subs.c.deleted_at.is_(None),
-    _subs.c.disabled_at.is_(None))
+    *repo.active_subscriptions(sa.bindparam("org_id")))
 #: seconds to wait before each retry (Standard Webhooks' schedule): 8 attempts over ~27.6 h.
 RETRY_SCHEDULE = [5, 300, 1800, 7200, 18000, 36000, 36000]
 #: consecutive failed attempts (across deliveries) after which a subscription is disabled,
@@ -233,13 +232,19 @@ for _event in ("begin", "commit", "rollback"):
     sa.event.listen(sa.engine.Engine, _event, _forget_subscriptions)
 
 
-def subscriptions(conn: sa.Connection, org_id: str) -> list[dict]:
+def subscriptions(conn: sa.Connection, org_id: str, known: list[dict] | None = None
+                  ) -> list[dict]:
     """The organization's live subscriptions, read once per transaction (an order's intake
-    records several timeline events; each would otherwise cost a query)."""
+    records several timeline events; each would otherwise cost a query). `known`: the list
+    the caller already read moments ago (the API's token lookup brings it on PostgreSQL);
+    a subscription created since is missed exactly as one committed during this
+    transaction would be, and one deleted or disabled since is skipped at delivery."""
     if not conn.in_transaction():  # a memo outside a transaction belongs to an earlier one
         conn.info.pop(_SUBS_MEMO, None)
     memo = conn.info.setdefault(_SUBS_MEMO, {})
     subs = memo.get(org_id)
+    if subs is None and known is not None:
+        subs = memo[org_id] = [{"id": x["id"], "events": x["events"]} for x in known]
     if subs is None:
         subs = memo[org_id] = [{"id": sub_id, "events": events} for sub_id, events in
                                conn.execute(_ACTIVE, {"org_id": org_id})]

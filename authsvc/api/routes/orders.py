@@ -50,7 +50,8 @@ def create_order() -> Response:
     services = _services()
 
     def work(conn):  # type: ignore[no-untyped-def]
-        order_id, view = orders.submit_order(services, g.actor, body, conn)
+        order_id, view = orders.submit_order(services, g.actor, body, conn,
+                                             subscriptions=g.get("org_subscriptions"))
         return 201, view or views.order_view(conn, g.actor.org_id, order_id)
 
     return idempotency.run(work, required=True, raw_body=raw, location="/v1/orders/{id}")
