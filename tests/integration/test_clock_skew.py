@@ -110,3 +110,32 @@ def test_worker_behind_polls_when_due_and_dates_receipt_by_the_database(
     assert polled["claimed_until"] is None and polled["next_poll_at"] > real_now()
     assert polled["state"] == "pended"
     assert polled["payer_received_at"] == case["payer_received_at"]  # not reset by a poll
+
+
+def test_work_stored_due_now_is_claimable_at_once(services):
+    """The database clock keeps microseconds on both backends: a delivery stored due at
+    12:00:00.123456 is due for a claim made right after (SQLite's own 'now' has only
+    milliseconds and said 12:00:00.123: not yet due, so the claim was skipped)."""
+    from authsvc.adapters.db import repo_cases as rc
+    from authsvc.domain import ids
+
+    with services.engine.begin() as conn:
+        sub_id = ids.new_id("sub")
+        rc.insert_subscription(conn, {"id": sub_id, "org_id": "org-a",
+                                      "url": "https://hooks.example.org/in",
+                                      "events": ["outcome.created"],
+                                      "secret": "whsec_" + "QUFB" * 8,
+                                      "created_at": dt.datetime.now(dt.UTC)})
+    for _ in range(30):
+        due = dt.datetime.now(dt.UTC)
+        delivery_id = ids.new_id("dlv")
+        with services.engine.begin() as conn:
+            rc.insert_deliveries(conn, [{
+                "id": delivery_id, "org_id": "org-a", "subscription_id": sub_id,
+                "event_type": "outcome.created", "event_id": ids.new_id("msg"),
+                "payload": {"type": "outcome.created"}, "status": "pending", "attempts": 0,
+                "next_attempt_at": due, "created_at": due}])
+        with services.engine.begin() as conn:
+            now = repo.db_now(conn)
+            assert now >= due
+            assert rc.claim_delivery(conn, delivery_id, now, dt.timedelta(seconds=30))

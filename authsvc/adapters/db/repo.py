@@ -180,13 +180,14 @@ def db_now(conn: sa.Connection) -> dt.datetime:
     come from it (payer work, notifications, webhook deliveries): a worker whose own clock
     runs minutes ahead does not take a lease that is still live, and one that runs behind
     neither stalls due work nor writes leases that look expired to the others. On SQLite
-    (one machine, embedded) it is the system clock.
+    (one machine, embedded) it is the system clock, read by Python: SQLite's own `'now'` has
+    millisecond precision, so work stored due at 12:00:00.123456 looked not yet due at
+    12:00:00.123 and a claim right after it was skipped.
     """
     if conn.dialect.name == "postgresql":
         value = conn.execute(sa.text("SELECT statement_timestamp()")).scalar_one()
         return value.astimezone(dt.UTC)
-    raw = conn.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
-    return dt.datetime.fromisoformat(raw).replace(tzinfo=dt.UTC)
+    return dt.datetime.now(dt.UTC)
 
 
 def claim_due(conn: sa.Connection, table: sa.Table, row_id: str, status: str,
