@@ -28,6 +28,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 _PENDING = "authsvc_batch_pending"
@@ -125,10 +126,10 @@ def _commit(conn: sa.Connection) -> None:
     writers = [write for has_pending, write in _WRITERS if has_pending(conn)]
     if not writers and not conn.info.get(_PENDING):
         return
-    import psycopg
-
     driver = conn.connection.driver_connection
     if driver.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        # nothing sent yet (psycopg begins the transaction with the first statement), or an
+        # AUTOCOMMIT connection: the plain path, SQLAlchemy's COMMIT follows
         flush(conn)
         for write in writers:
             write(conn)
