@@ -119,8 +119,9 @@ def _write_pending(conn: sa.Connection) -> None:
         return
     _lock(conn)
     if conn.dialect.name == "postgresql":
-        # Head and hash inside the INSERT: one round trip a row. (Its snapshot is taken after
-        # the lock statement returned, so the head it reads is the committed one.)
+        # Head and hash inside the INSERT. Its snapshot is taken when it starts on the server,
+        # after the lock statement finished (also when both go in the commit's pipeline),
+        # so the head it reads is the committed one.
         for row in rows:
             conn.execute(_PG_APPEND, {**row, "canonical": canonical(row).decode("ascii")})
         return
