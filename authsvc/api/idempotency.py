@@ -8,10 +8,12 @@ SQLite serializes writers, so a second request waits and then replays.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from flask import Response, current_app, g, request
@@ -28,12 +30,29 @@ _IK = t.idempotency_keys
 _LOOKUP = sa.select(_IK.c.fingerprint, _IK.c.status_code, _IK.c.response_body).where(
     _IK.c.org_id == sa.bindparam("org_id"), _IK.c.route == sa.bindparam("route"),
     _IK.c.key == sa.bindparam("key"))
-_LOCK_AND_LOOKUP = sa.select(
-    sa.func.pg_try_advisory_xact_lock(sa.bindparam("lock", type_=sa.BigInteger)).label("got"),
-    _IK.c.fingerprint, _IK.c.status_code, _IK.c.response_body,
-).select_from(sa.select(sa.literal(1).label("one")).subquery("one").outerjoin(_IK, sa.and_(
-    _IK.c.org_id == sa.bindparam("org_id"), _IK.c.route == sa.bindparam("route"),
-    _IK.c.key == sa.bindparam("key"))))
+#: A write sent with the key's claim on PostgreSQL (`run`'s `first_write`): given the claim's
+#: guard (this request holds the key and no response is stored for it), an INSERT … RETURNING
+#: one column that runs only when the guard holds.
+FirstWrite = Callable[[sa.ColumnElement[bool]], sa.Insert]
+
+
+@functools.cache
+def _claim(first_write: FirstWrite | None = None) -> sa.Select:
+    """PostgreSQL: the in-flight lock, the stored response's lookup and (optionally) the
+    request's first write, one statement."""
+    lock = sa.select(sa.func.pg_try_advisory_xact_lock(
+        sa.bindparam("lock", type_=sa.BigInteger)).label("got")).cte("claim_lock")
+    stored = sa.select(_IK.c.fingerprint, _IK.c.status_code, _IK.c.response_body).where(
+        _IK.c.org_id == sa.bindparam("org_id"), _IK.c.route == sa.bindparam("route"),
+        _IK.c.key == sa.bindparam("key")).cte("claim_stored")
+    columns: list[Any] = [lock.c.got, stored.c.fingerprint, stored.c.status_code,
+                          stored.c.response_body]
+    if first_write is not None:
+        guard = sa.and_(sa.select(lock.c.got).scalar_subquery(), ~sa.exists(
+            sa.select(stored.c.status_code).where(stored.c.status_code.is_not(None))))
+        written = first_write(guard).cte("claim_write")
+        columns.append(sa.select(*written.c).scalar_subquery().label("written"))
+    return sa.select(*columns).select_from(lock.outerjoin(stored, sa.true()))
 
 
 def fingerprint(body: object) -> str:
@@ -71,11 +90,15 @@ def _replay(existing: sa.Row, fp: str, location: str | None) -> Response:
     return _located(replay, location, stored_id)
 
 
-def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
-        raw_body: object, location: str | None = None) -> Response:
+def run(work: Callable[..., tuple[int, dict]], *, required: bool, raw_body: object,
+        location: str | None = None,
+        first_write: tuple[FirstWrite, dict] | None = None) -> Response:
     """Run `work(conn)` in one transaction, honouring the request's Idempotency-Key.
 
-    `location` (e.g. "/v1/orders/{id}") makes a 201, replayed or not, carry Location."""
+    `location` (e.g. "/v1/orders/{id}") makes a 201, replayed or not, carry Location.
+    `first_write` (a `FirstWrite` and its parameters): on PostgreSQL, with a key, the write
+    goes in the key's claim statement (a round trip saved) and `work(conn, written)` gets
+    its RETURNING value; otherwise `work(conn, None)` does the write itself."""
     services = current_app.extensions["authsvc"]
     actor = g.actor
     key = request.headers.get("Idempotency-Key")
@@ -93,8 +116,10 @@ def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
                     # The in-flight lock and the lookup in one round trip. The lookup's snapshot
                     # can predate the commit of a request that held the lock a moment ago: then
                     # our record collides with its row at commit (handled below).
-                    existing = conn.execute(_LOCK_AND_LOOKUP, {
-                        **scope, "lock": _lock_key(actor.org_id, route, key)}).one()
+                    existing = conn.execute(
+                        _claim(first_write[0] if first_write else None),
+                        {**scope, "lock": _lock_key(actor.org_id, route, key),
+                         **(first_write[1] if first_write else {})}).one()
                     if not existing.got:
                         raise ApiProblem(409, "A request with this Idempotency-Key is in "
                                          "flight.", headers={"Retry-After": "1"})
@@ -104,7 +129,12 @@ def run(work: Callable[[sa.Connection], tuple[int, dict]], *, required: bool,
                     existing = conn.execute(_LOOKUP, scope).first()
                     if existing is not None:
                         return _replay(existing, fp, location)
-            status, body = work(conn)
+            if first_write is None:
+                status, body = work(conn)
+            else:
+                written = existing.written if key is not None and \
+                    conn.dialect.name == "postgresql" else None
+                status, body = work(conn, written)
             text = json.dumps(body)
             if key is not None:
                 batch.add(conn, _IK, {

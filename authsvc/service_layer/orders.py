@@ -59,14 +59,16 @@ def determine(services: Services, body: dict) -> tuple[str, list[Determination]]
 
 
 def submit_order(services: Services, actor: Actor, body: dict, conn: sa.Connection,
-                 subscriptions: list[dict] | None = None) -> tuple[str, dict | None]:
+                 subscriptions: list[dict] | None = None,
+                 patient_id: str | None = None) -> tuple[str, dict | None]:
     """Store a validated order with its determinations and the work it causes.
 
     Runs inside the caller's transaction (the API's idempotency record shares it). Returns
     the order id and, when no case was opened yet (the usual path: eligibility pending),
     the order's API view built from the values in hand, saving a re-read on intake.
     `subscriptions`: the organization's live webhook subscriptions when the caller has just
-    read them (`webhooks_out.subscriptions`).
+    read them (`webhooks_out.subscriptions`). `patient_id`: the patient's row when the caller
+    has already upserted it in this transaction (intake does, with its Idempotency-Key claim).
     """
     now = clock.now()
     version, determinations = determine(services, body)
@@ -80,7 +82,8 @@ def submit_order(services: Services, actor: Actor, body: dict, conn: sa.Connecti
     from authsvc.service_layer import webhooks_out
 
     webhooks_out.subscriptions(conn, actor.org_id, subscriptions)
-    patient_id = repo.upsert_patient(conn, actor.org_id, body["patient"], now)
+    if patient_id is None:
+        patient_id = repo.upsert_patient(conn, actor.org_id, body["patient"], now)
     eligibility = "pending" if needs_eligibility(determinations) else "not_required"
     coverage = body["coverage"]
     repo.insert_order(conn, {

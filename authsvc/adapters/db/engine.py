@@ -40,7 +40,76 @@ def make_engine(url: str, pool_size: int = 5) -> sa.Engine:
         return engine
     engine = sa.create_engine(url, pool_size=pool_size, max_overflow=10, pool_recycle=1800)
     ping_when_idle(engine)
+    begin_with_first_statement(engine)
     return engine
+
+
+_BEGIN_OWED = "authsvc_begin_owed"
+
+
+def begin_with_first_statement(engine: sa.Engine) -> None:
+    """PostgreSQL: send a transaction's BEGIN in one round trip with its first statement.
+
+    psycopg sends BEGIN alone and waits for its answer before the first statement of every
+    transaction: a round trip that does nothing, on every request and every actor's claim.
+    Here the driver connection stays in autocommit (psycopg never begins on its own) and the
+    transaction SQLAlchemy begins is owed a BEGIN, which goes in a libpq pipeline with the
+    transaction's first statement. COMMIT and ROLLBACK are unchanged: psycopg sends them
+    whenever the server says a transaction is open. A connection used with
+    ``isolation_level="AUTOCOMMIT"`` owes nothing; one whose driver SQLAlchemy switched out
+    of autocommit (its isolation-level reset) begins the usual way until it is checked in.
+    """
+    from psycopg.pq import TransactionStatus
+
+    @sa.event.listens_for(engine, "connect")
+    def _driver_autocommit(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.autocommit = True
+
+    @sa.event.listens_for(engine, "checkin")
+    def _back_to_autocommit(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        if dbapi_conn is not None and not dbapi_conn.closed and not dbapi_conn.autocommit \
+                and dbapi_conn.info.transaction_status == TransactionStatus.IDLE:
+            dbapi_conn.autocommit = True
+
+    @sa.event.listens_for(engine, "begin")
+    def _owe_begin(conn):  # type: ignore[no-untyped-def]
+        conn.info[_BEGIN_OWED] = \
+            conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT"
+
+    def _owed(cursor, context) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            info = context.root_connection.info
+        except NotImplementedError:  # the dialect's own first-connect queries
+            return False
+        if not info.pop(_BEGIN_OWED, False):
+            return False
+        driver = cursor.connection
+        return bool(driver.autocommit) and \
+            driver.info.transaction_status == TransactionStatus.IDLE
+
+    @sa.event.listens_for(engine, "do_execute")
+    def _execute(cursor, statement, parameters, context):  # type: ignore[no-untyped-def]
+        if not _owed(cursor, context):
+            return None
+        with cursor.connection.pipeline():
+            cursor.connection.execute("BEGIN")
+            cursor.execute(statement, parameters)
+        return True
+
+    @sa.event.listens_for(engine, "do_execute_no_params")
+    def _execute_no_params(cursor, statement, context):  # type: ignore[no-untyped-def]
+        if not _owed(cursor, context):
+            return None
+        with cursor.connection.pipeline():
+            cursor.connection.execute("BEGIN")
+            cursor.execute(statement)
+        return True
+
+    @sa.event.listens_for(engine, "do_executemany")
+    def _executemany(cursor, statement, parameters, context):  # type: ignore[no-untyped-def]
+        if _owed(cursor, context):
+            cursor.connection.execute("BEGIN")  # its own round trip: executemany is rare here
+        return None
 
 
 #: A pooled connection idle longer than this is pinged before it is handed out.

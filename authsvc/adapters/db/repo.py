@@ -66,21 +66,43 @@ def token_by_hash(conn: sa.Connection, token_hash: str) -> Row | None:
 # ------------------------------------------------------------------ orders
 
 
+def patient_values(org_id: str, patient: dict, now: dt.datetime) -> dict:
+    """The parameters of the patient upsert (`upsert_patient`, `patient_upsert_when`)."""
+    return {
+        "patient_id": ids.new_id("pat"), "patient_org_id": org_id, "patient_mrn": patient["mrn"],
+        "patient_given_name": patient["given_name"],
+        "patient_family_name": patient["family_name"],
+        "patient_birth_date": patient["birth_date"], "patient_sex": patient["sex"],
+        "patient_contacts": patient.get("contacts") or [], "patient_updated_at": now,
+    }
+
+
 def upsert_patient(conn: sa.Connection, org_id: str, patient: dict, now: dt.datetime) -> str:
     """One patient row per (organization, MRN); the newest order's details win.
 
     A single INSERT … ON CONFLICT DO UPDATE … RETURNING: one round trip, and two first
     orders for the same MRN arriving together cannot collide.
     """
-    return conn.execute(_patient_upsert(conn.dialect.name), {
-        "id": ids.new_id("pat"), "org_id": org_id, "mrn": patient["mrn"],
-        "given_name": patient["given_name"], "family_name": patient["family_name"],
-        "birth_date": patient["birth_date"], "sex": patient["sex"],
-        "contacts": patient.get("contacts") or [], "updated_at": now,
-    }).scalar_one()
+    return conn.execute(_patient_upsert(conn.dialect.name),
+                        patient_values(org_id, patient, now)).scalar_one()
+
+
+def patient_upsert_when(guard: sa.ColumnElement[bool]) -> sa.Insert:
+    """PostgreSQL: the patient upsert, done only when `guard` holds (order intake sends it
+    with its Idempotency-Key claim, `idempotency.run`'s `first_write`: one round trip)."""
+    from sqlalchemy.dialects.postgresql import insert
+
+    source = sa.select(*(sa.bindparam(f"patient_{name}", type_=t.patients.c[name].type)
+                         for name in _PATIENT_COLUMNS)).where(guard)
+    stmt = insert(t.patients).from_select(list(_PATIENT_COLUMNS), source)
+    return stmt.on_conflict_do_update(
+        index_elements=["org_id", "mrn"],
+        set_={name: stmt.excluded[name] for name in _PATIENT_DETAILS},
+    ).returning(t.patients.c.id)
 
 
 _PATIENT_DETAILS = ("given_name", "family_name", "birth_date", "sex", "contacts", "updated_at")
+_PATIENT_COLUMNS = ("id", "org_id", "mrn", *_PATIENT_DETAILS)
 
 
 @functools.cache
@@ -90,7 +112,8 @@ def _patient_upsert(dialect: str) -> sa.Executable:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(t.patients)
+    stmt = insert(t.patients).values(
+        {name: sa.bindparam(f"patient_{name}") for name in _PATIENT_COLUMNS})
     return stmt.on_conflict_do_update(
         index_elements=["org_id", "mrn"],
         set_={name: stmt.excluded[name] for name in _PATIENT_DETAILS},

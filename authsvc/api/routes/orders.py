@@ -5,10 +5,12 @@ from __future__ import annotations
 from flask import Response, current_app, g, jsonify, request
 from flask_smorest import Blueprint
 
+from authsvc.adapters.db import repo
 from authsvc.api import idempotency
 from authsvc.api.auth import requires
 from authsvc.api.errors import ApiProblem, bad_cursor
 from authsvc.api.request_body import json_object, limit_arg, validated_order
+from authsvc.domain import clock
 from authsvc.domain.orders import ORDER_STATUSES
 from authsvc.service_layer import orders, views
 from schemas.order_actions import CoverageFixSchema, ExtensionSchema, ResolveSchema
@@ -49,12 +51,17 @@ def create_order() -> Response:
     body = validated_order(raw)
     services = _services()
 
-    def work(conn):  # type: ignore[no-untyped-def]
+    def work(conn, patient_id):  # type: ignore[no-untyped-def]
         order_id, view = orders.submit_order(services, g.actor, body, conn,
-                                             subscriptions=g.get("org_subscriptions"))
+                                             subscriptions=g.get("org_subscriptions"),
+                                             patient_id=patient_id)
         return 201, view or views.order_view(conn, g.actor.org_id, order_id)
 
-    return idempotency.run(work, required=True, raw_body=raw, location="/v1/orders/{id}")
+    # the patient upsert rides with the Idempotency-Key claim (PostgreSQL)
+    patient = (repo.patient_upsert_when,
+               repo.patient_values(g.actor.org_id, body["patient"], clock.now()))
+    return idempotency.run(work, required=True, raw_body=raw, location="/v1/orders/{id}",
+                           first_write=patient)
 
 
 @blp.route("", methods=["GET"])
