@@ -137,6 +137,31 @@ def test_idempotency_replay_conflict_and_key_rules(client, tokens, services):
     assert post(client, token, order_body(), "bad key").status_code == 400
 
 
+def test_a_replay_does_not_write_the_patient_again(client, tokens, services):
+    """The patient's details come from the newest order; replaying an older request (a
+    client retry) answers from the stored response and must not put the older details back.
+    On PostgreSQL the upsert rides with the key's claim, guarded by it."""
+    token = tokens["org-a"]["clinician"]
+    mrn = f"MRN-R-{uuid.uuid4().hex[:8]}"
+    older = order_body(patient={**order_body()["patient"], "mrn": mrn, "family_name": "Diaz"})
+    newer = order_body(patient={**older["patient"], "family_name": "Diaz-Lopez"})
+    key = uuid.uuid4().hex
+    first = post(client, token, older, key)
+    assert first.status_code == 201
+    assert post(client, token, newer, uuid.uuid4().hex).status_code == 201
+    again = post(client, token, older, key)
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+
+    with services.engine.connect() as conn:
+        rows = conn.execute(sa.select(t.patients.c.id, t.patients.c.family_name).where(
+            t.patients.c.org_id == "org-a", t.patients.c.mrn == mrn)).all()
+        order_patients = set(conn.execute(sa.select(t.orders.c.patient_id).where(
+            t.orders.c.org_id == "org-a",
+            t.orders.c.patient_id.in_([r.id for r in rows]))).scalars())
+    assert [r.family_name for r in rows] == ["Diaz-Lopez"]  # one row, the newest details
+    assert order_patients == {rows[0].id}  # both orders point at it
+
+
 def test_twenty_concurrent_posts_with_one_key_make_one_order(app, tokens, services):
     token = tokens["org-a"]["clinician"]
     key = uuid.uuid4().hex
