@@ -23,6 +23,7 @@ and an audited 429.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -77,16 +78,19 @@ LIMIT_ENV = {
 MEMBER_ID_FIELDS = {"/v1/orders": ("coverage", "member_id"),
                     "/v1/orders/<order_id>/coverage": ("member_id",)}
 # Every limit of one request in one round trip, on Redis' clock: a moving window per key (a
-# sorted set of request stamps). KEYS[i] pairs with ARGV triples (window s, limit, mode):
-# `hit` counts the request, `test` only looks (failed authentications of the address),
-# `distinct` counts a new member pseudonym (ARGV[#] last) and lets a repeat through free.
+# sorted set of request stamps). KEYS[i] pairs with the i-th triple of ARGV[1] ("window limit
+# mode …", space-separated: one argument to pack instead of three per key): `hit` counts the
+# request, `test` only looks (failed authentications of the address), `distinct` counts a new
+# member pseudonym (ARGV[3]) and lets a repeat through free. ARGV[2] is the request's stamp.
 # Nothing is recorded unless every key allows the request; else {index, seconds to wait}.
 _LIMITS_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local stamp, member = ARGV[#ARGV - 1], ARGV[#ARGV]
+local spec = {}
+for word in string.gmatch(ARGV[1], '%S+') do spec[#spec + 1] = word end
+local stamp, member = ARGV[2], ARGV[3]
 for i, key in ipairs(KEYS) do
-  local window, limit, mode = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), ARGV[3*i]
+  local window, limit, mode = tonumber(spec[3*i-2]), tonumber(spec[3*i-1]), spec[3*i]
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local free = mode == 'distinct' and redis.call('ZSCORE', key, member)
   if not free and redis.call('ZCARD', key) >= limit then
@@ -97,7 +101,7 @@ for i, key in ipairs(KEYS) do
   end
 end
 for i, key in ipairs(KEYS) do
-  local window, mode = tonumber(ARGV[3*i-2]), ARGV[3*i]
+  local window, mode = tonumber(spec[3*i-2]), spec[3*i]
   if mode ~= 'test' then
     redis.call('ZADD', key, now, mode == 'distinct' and member or stamp)
     redis.call('PEXPIRE', key, math.ceil(window * 1000))
@@ -180,11 +184,19 @@ def _loopback_or_tls(url: str, tls_schemes: tuple[str, ...]) -> bool:
 # ------------------------------------------------------------------ rate limits
 
 
-def _limit(scope: str) -> object:
+def _limit(scope: str) -> tuple[int, int]:
+    """(window in seconds, requests allowed in it) for `scope`, as configured."""
+    name, default = LIMIT_ENV[scope]
+    return _parse_limit(current_app.config.get(name) or default)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_limit(text: str) -> tuple[int, int]:
+    """Parsed once per notation: `limits.parse` is a regex walk on every request otherwise."""
     from limits import parse
 
-    name, default = LIMIT_ENV[scope]
-    return parse(current_app.config.get(name) or default)
+    item = parse(text)
+    return item.get_expiry(), item.amount  # type: ignore[attr-defined]
 
 
 def _strategy() -> bool | None:
@@ -201,17 +213,16 @@ def _limits(checks: list[tuple[str, str, str]], member: str = "") -> tuple[str, 
     if script is None:
         script = current_app.extensions["authsvc_limits_script"] = \
             current_app.extensions["authsvc_redis"].register_script(_LIMITS_LUA)
-    args: list[object] = []
+    spec: list[str] = []
     keys: list[str] = []
     for scope, ident, mode in checks:
-        item = _limit(scope)
-        window, amount = item.get_expiry(), item.amount  # type: ignore[attr-defined]
-        args += [window, amount, mode]
+        window, amount = _limit(scope)
+        spec.append(f"{window} {amount} {mode}")
         # the limit is part of the key (as the `limits` library does): a window counts only
         # requests judged by the same limit, so changing a limit starts a fresh window
         keys.append(f"authsvc-rl:{scope}:{amount}/{window}:{ident}")
     try:
-        index, wait = script(keys=keys, args=[*args, uuid.uuid4().hex, member])
+        index, wait = script(keys=keys, args=[" ".join(spec), uuid.uuid4().hex, member])
     except Exception as exc:  # noqa: BLE001 - Redis down: fail open, the DB is the record
         log.warning("rate limit storage unavailable: %s", type(exc).__name__)
         return None
@@ -272,11 +283,10 @@ def enforce_rate_limits(org_id: str, token_id: str) -> None:
 
 
 def _enumeration_alert(org_id: str, caller_id: str) -> None:
-    item = _limit("member_ids")
+    window, amount = _limit("member_ids")
     SECURITY_ALERTS.labels("member_id_enumeration").inc()
     log.warning("ALERT possible member-id enumeration: caller %s of organization %s named "
-                "more than %s distinct member ids in %s s", caller_id, org_id,
-                item.amount, item.get_expiry(),  # type: ignore[attr-defined]
+                "more than %s distinct member ids in %s s", caller_id, org_id, amount, window,
                 extra={"event": "alert:member_id_enumeration", "status": 429})
 
 
