@@ -46,6 +46,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.ceiling_app import FLOOR_TOKEN
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -647,6 +649,19 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
     summarize("ceiling", a)
     cleanup.stop_proc(ceiling)
 
+    # a2. (informational) the floor: the ceiling plus the per-request rules of any intake
+    port = free_port()
+    floor = start(cleanup, "floor", [*gunicorn_cmd(), "-w", "2", "-k", "sync", "-b",
+                                     f"{HOST}:{port}", "--timeout", "60",
+                                     "bench.ceiling_app:create_floor_app()"], env)
+    wait_http(floor, f"http://{HOST}:{port}/healthz", "floor", cleanup)
+    target = Target(port, "/orders", FLOOR_TOKEN, template)
+    probe(target)
+    log(f"phase a2: floor app on :{port} (token, rate limit, idempotency claim and record)")
+    a2 = load(target, "a2")
+    summarize("floor", a2)
+    cleanup.stop_proc(floor)
+
     # b. authsvc, closed loop
     port = free_port()
     api = start(cleanup, "api", [sys.executable, "-m", "authsvc.cli", "serve", "--port",
@@ -674,8 +689,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
         raise RuntimeError(f"authsvc exited during the run:\n{tail(cleanup, 'api')}")
     cleanup.stop_proc(api)
 
-    errors = a["errors"] + b["errors"] + c["errors"] + d["errors"]
-    for label, r in (("ceiling", a), ("authsvc closed", b), ("authsvc paced", c),
+    errors = a["errors"] + a2["errors"] + b["errors"] + c["errors"] + d["errors"]
+    for label, r in (("ceiling", a), ("floor", a2), ("authsvc closed", b), ("authsvc paced", c),
                      ("authsvc paced (own)", d)):
         if r["errors"]:
             extra = {k: r[k] for k in ("statuses", "exceptions", "socket_errors") if r.get(k)}
@@ -690,6 +705,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
         "benchmark": "intake", "client": client, "seconds": seconds, "concurrency": conc,
         "ceiling_rps": _r(a["rps"]), "orders_per_s": _r(b["rps"]),
         "ratio_to_ceiling": _r(ratio, 3), "p50_ms": _r(b["p50_ms"], 2),
+        "floor_rps": _r(a2["rps"]),
+        "floor_ratio_to_ceiling": _r(a2["rps"] / a["rps"] if a["rps"] else 0.0, 3),
         "p99_ms": _r(b["p99_ms"], 2),
         "at_70pct": {"target_rps": _r(rate), "achieved_rps": _r(c["rps"]),
                      "p50_ms": _r(c["p50_ms"], 2), "p99_ms": _r(c["p99_ms"], 2)},
