@@ -636,31 +636,25 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
             return wrk_load(cleanup, target, f"{run_id}-{tag}", conc, warmup, seconds)
         return python_load(cleanup, "closed", target, f"{run_id}-{tag}", conc, warmup, seconds)
 
-    # a. the ceiling
-    port = free_port()
-    ceiling = start(cleanup, "ceiling", [*gunicorn_cmd(), "-w", "2", "-k", "sync", "-b",
-                                         f"{HOST}:{port}", "--timeout", "60",
-                                         "bench.ceiling_app:create_app()"], env)
-    wait_http(ceiling, f"http://{HOST}:{port}/healthz", "ceiling", cleanup)
-    target = Target(port, "/orders", None, template)
-    probe(target)
-    log(f"phase a: ceiling app on :{port}")
-    a = load(target, "a")
-    summarize("ceiling", a)
-    cleanup.stop_proc(ceiling)
-
-    # a2. (informational) the floor: the ceiling plus the per-request rules of any intake
-    port = free_port()
-    floor = start(cleanup, "floor", [*gunicorn_cmd(), "-w", "2", "-k", "sync", "-b",
+    def reference(name: str, factory: str, token: str | None, tag: str) -> dict[str, Any]:
+        """A phase on one of `bench.ceiling_app`'s apps under gunicorn, 2 sync workers."""
+        port = free_port()
+        proc = start(cleanup, name, [*gunicorn_cmd(), "-w", "2", "-k", "sync", "-b",
                                      f"{HOST}:{port}", "--timeout", "60",
-                                     "bench.ceiling_app:create_floor_app()"], env)
-    wait_http(floor, f"http://{HOST}:{port}/healthz", "floor", cleanup)
-    target = Target(port, "/orders", FLOOR_TOKEN, template)
-    probe(target)
-    log(f"phase a2: floor app on :{port} (token, rate limit, idempotency claim and record)")
-    a2 = load(target, "a2")
-    summarize("floor", a2)
-    cleanup.stop_proc(floor)
+                                     f"bench.ceiling_app:{factory}()"], env)
+        wait_http(proc, f"http://{HOST}:{port}/healthz", name, cleanup)
+        target = Target(port, "/orders", token, template)
+        probe(target)
+        log(f"phase {tag}: {name} app on :{port}")
+        result = load(target, tag)
+        summarize(name, result)
+        cleanup.stop_proc(proc)
+        return result
+
+    # a. the ceiling; a2. (informational) the floor: the ceiling plus the per-request rules
+    # of any intake (token, rate limit, idempotency claim and record)
+    a = reference("ceiling", "create_app", None, "a")
+    a2 = reference("floor", "create_floor_app", FLOOR_TOKEN, "a2")
 
     # b. authsvc, closed loop
     port = free_port()

@@ -87,23 +87,23 @@ def begin_with_first_statement(engine: sa.Engine) -> None:
         return bool(driver.autocommit) and \
             driver.info.transaction_status == TransactionStatus.IDLE
 
-    @sa.event.listens_for(engine, "do_execute")
-    def _execute(cursor, statement, parameters, context):  # type: ignore[no-untyped-def]
+    def _begin_and(cursor, context, *statement) -> bool | None:  # type: ignore[no-untyped-def]
+        """Run the statement in one pipeline with the BEGIN it owes (None: nothing owed, the
+        dialect runs it as usual)."""
         if not _owed(cursor, context):
             return None
         with cursor.connection.pipeline():
             cursor.connection.execute("BEGIN")
-            cursor.execute(statement, parameters)
+            cursor.execute(*statement)
         return True
+
+    @sa.event.listens_for(engine, "do_execute")
+    def _execute(cursor, statement, parameters, context):  # type: ignore[no-untyped-def]
+        return _begin_and(cursor, context, statement, parameters)
 
     @sa.event.listens_for(engine, "do_execute_no_params")
     def _execute_no_params(cursor, statement, context):  # type: ignore[no-untyped-def]
-        if not _owed(cursor, context):
-            return None
-        with cursor.connection.pipeline():
-            cursor.connection.execute("BEGIN")
-            cursor.execute(statement)
-        return True
+        return _begin_and(cursor, context, statement)
 
     @sa.event.listens_for(engine, "do_executemany")
     def _executemany(cursor, statement, parameters, context):  # type: ignore[no-untyped-def]
