@@ -150,9 +150,9 @@ def create_floor_app(database_url: str | None = None) -> Flask:
         key = request.headers.get("Idempotency-Key")
         if not key:
             return problem(400, "Idempotency-Key is required.")
-        raw = request.get_data(cache=False)
         try:
-            load_order(json.loads(raw), KNOWN_PAYERS)
+            body = json.loads(request.get_data(cache=False))
+            load_order(body, KNOWN_PAYERS)
         except (ValueError, ValidationProblem) as exc:
             return problem(422, type(exc).__name__)
         order_id = "ord_" + uuid.uuid4().hex
@@ -164,7 +164,7 @@ def create_floor_app(database_url: str | None = None) -> Flask:
             if claim.response is not None:
                 return Response(claim.response, status=201, mimetype="application/json")
             # both rows leave with the COMMIT in one pipeline, as authsvc's rows do
-            batch.add(conn, ceiling_orders, {"id": order_id, "body": json.loads(raw)})
+            batch.add(conn, ceiling_orders, {"id": order_id, "body": body})
             batch.add(conn, floor_keys, {"key": f"{org}:{key}", "response": text})
         return Response(text, status=201, mimetype="application/json")
 
